@@ -1,0 +1,117 @@
+"""Planar flow (Rezende & Mohamed 2015, eqs. 10-13 and appendix A.1).
+
+    f(z) = z + û · tanh(wᵀz + b)
+    log|det ∂f/∂z| = log|1 + ûᵀψ(z)|,   ψ(z) = tanh'(wᵀz + b) · w
+
+Invertibility needs wᵀû > -1. The paper's fix projects u onto that set:
+
+    û = u + [m(wᵀu) - wᵀu] · w / ‖w‖²,   m(x) = -1 + softplus(x)
+
+so that wᵀû = m(wᵀu). In floating point softplus(x) underflows to 0 for x ≲ -745 (float64) and
+the layer would become singular, so flowvae keeps a margin: m(x) = -1 + softplus(x) + SLACK.
+The log-det is then written as log(t² + s·(1 - t²)) with t = tanh(a), s = softplus(wᵀu) + SLACK,
+which is 1 + m·tanh'(a) without cancellation. The inverse solves the scalar equation
+a + m·tanh(a) = wᵀy + b (strictly increasing in a) with safeguarded Newton steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flowvae.flows.base import Flow, batch_dot
+from flowvae.flows.registry import FLOWS
+
+#: Margin that keeps wᵀû >= -1 + SLACK (and so |det J| >= SLACK) in finite precision.
+SLACK = 1e-3
+
+
+def planar_slack(u: Tensor, w: Tensor) -> Tensor:
+    """s = 1 + wᵀû = softplus(wᵀu) + SLACK > 0, shape (B,)."""
+    return F.softplus(batch_dot(w, u)) + SLACK
+
+
+def planar_uhat(u: Tensor, w: Tensor) -> Tensor:
+    """The invertibility-constrained û with wᵀû = -1 + softplus(wᵀu) + SLACK."""
+    wu = batch_dot(w, u)
+    m = planar_slack(u, w) - 1.0
+    w_sq = batch_dot(w, w).clamp_min(torch.finfo(w.dtype).tiny)
+    return u + ((m - wu) / w_sq).unsqueeze(-1) * w
+
+
+def planar_forward(z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """f(z) and log|det ∂f/∂z| for u, w of shape (B|1, D) and b of shape (B|1, 1)."""
+    u_hat = planar_uhat(u, w)
+    t = torch.tanh(batch_dot(z, w) + b[:, 0])
+    s = planar_slack(u, w)
+    z_next = z + u_hat * t.unsqueeze(-1)
+    t_sq = t * t
+    log_det = torch.log(t_sq + s * (1.0 - t_sq))
+    return z_next, log_det.expand(z.shape[0])
+
+
+def planar_inverse(y: Tensor, u: Tensor, w: Tensor, b: Tensor, iterations: int = 200) -> Tensor:
+    """z with f(z) = y: solve a + m tanh(a) = wᵀy + b, then z = y - û tanh(a)."""
+    u_hat = planar_uhat(u, w)
+    m = (planar_slack(u, w) - 1.0).expand(y.shape[0])
+    c = batch_dot(y, w) + b[:, 0]
+    with torch.no_grad():
+        c_, m_ = c.detach(), m.detach()
+        # |m tanh(a)| <= |m| brackets the root; g(a) = a + m tanh(a) - c is increasing.
+        lo, hi = c_ - m_.abs(), c_ + m_.abs()
+        a = c_.clone()
+        for _ in range(iterations):
+            t = torch.tanh(a)
+            g = a + m_ * t - c_
+            lo = torch.where(g < 0, a, lo)
+            hi = torch.where(g > 0, a, hi)
+            step = g / (t * t + (1.0 + m_) * (1.0 - t * t))
+            cand = a - step
+            bad = ~torch.isfinite(cand) | (cand <= lo) | (cand >= hi)
+            a_next = torch.where(bad, 0.5 * (lo + hi), cand)
+            if torch.equal(a_next, a):
+                break
+            a = a_next
+    return y - u_hat * torch.tanh(a).unsqueeze(-1)
+
+
+@FLOWS.register("planar")
+class Planar(Flow):
+    """Planar flow f(z) = z + û tanh(wᵀz + b) with the paper's invertibility constraint."""
+
+    exact_inverse = False
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"u": (self.dim,), "w": (self.dim,), "b": (1,)}
+
+    def init_param(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        if name == "b":
+            return torch.zeros(shape)
+        return super().init_param(name, shape)
+
+    def transform(self, z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return planar_forward(z, u, w, b)
+
+    def inverse_transform(self, y: Tensor, u: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return planar_inverse(y, u, w, b)
+
+    @classmethod
+    def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        cases = []
+        for kind in ("tiny_w", "wu_plus", "wu_minus", "huge_b"):
+            u = torch.randn(batch, dim, generator=gen, dtype=dtype)
+            w = torch.randn(batch, dim, generator=gen, dtype=dtype)
+            b = torch.randn(batch, 1, generator=gen, dtype=dtype)
+            if kind == "tiny_w":
+                w = 1e-8 * w / w.norm(dim=1, keepdim=True)
+            elif kind in ("wu_plus", "wu_minus"):
+                sign = 1.0 if kind == "wu_plus" else -1.0
+                # project u so that wᵀu = ±1e4 exactly (up to rounding)
+                w_sq = (w * w).sum(1, keepdim=True)
+                u = u - ((w * u).sum(1, keepdim=True) - sign * 1e4) / w_sq * w
+            else:
+                b = 1e3 * b
+            cases.append(torch.cat([u, w, b], dim=1))
+        return cases

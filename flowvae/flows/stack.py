@@ -1,0 +1,61 @@
+"""A stack of K flow layers: z_K = f_K ∘ … ∘ f_1(z_0), log q_K(z_K) = log q_0(z_0) - Σ log|det J_k|."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowvae.flows.base import Flow
+
+
+class FlowStack(nn.Module):
+    """K layers applied in order; amortised parameters are split by each layer's declared size."""
+
+    def __init__(self, layers: list[Flow], dim: int, amortized: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.dim = int(dim)
+        self.amortized = bool(amortized)
+        self.sizes = [layer.num_params for layer in layers]
+
+    @property
+    def num_params(self) -> int:
+        """Per-example parameter count the stack consumes when amortised (0 when global)."""
+        return sum(self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def split(self, params: Tensor | None) -> list[Tensor | None]:
+        if not self.amortized or self.num_params == 0:
+            return [None] * len(self.layers)
+        if params is None:
+            raise ValueError(
+                f"this amortised stack needs parameters of shape (B, {self.num_params})"
+            )
+        if params.dim() != 2 or params.shape[1] != self.num_params:
+            raise ValueError(
+                f"expected flow parameters of shape (B, {self.num_params}), got {tuple(params.shape)}"
+            )
+        return list(torch.split(params, self.sizes, dim=1))
+
+    def forward(self, z: Tensor, params: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        log_det = z.new_zeros(z.shape[0])
+        for layer, p in zip(self.layers, self.split(params)):
+            z, ld = layer(z, p)
+            log_det = log_det + ld
+        return z, log_det
+
+    def inverse(self, y: Tensor, params: Tensor | None = None) -> Tensor:
+        chunks = self.split(params)
+        for layer, p in zip(reversed(self.layers), reversed(chunks)):
+            y = layer.inverse(y, p)
+        return y
+
+    def inverse_with_log_det(
+        self, y: Tensor, params: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """z_0 = f⁻¹(y) and Σ log|det J_k| along the forward path from z_0 (for scoring y)."""
+        z0 = self.inverse(y, params)
+        _, log_det = self.forward(z0, params)
+        return z0, log_det

@@ -1,0 +1,62 @@
+"""Name -> factory registries with did-you-mean errors."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """Raised for a name that is not registered; the message suggests the closest one."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    """' — did you mean 'x'?' for the closest choice, or '' if nothing is close."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in choices}
+        close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+        close = [lowered[c] for c in close]
+    return f" — did you mean '{close[0]}'?" if close else ""
+
+
+class Registry(Generic[T]):
+    """A named collection of factories (flow classes, targets, datasets, experiments)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(item: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._items[name] = item
+            return item
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            choices = self.names()
+            raise UnknownNameError(
+                f"unknown {self.kind} '{name}'{suggest(str(name), choices)} "
+                f"(choices: {', '.join(choices)})"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
