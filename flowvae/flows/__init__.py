@@ -11,16 +11,50 @@ from __future__ import annotations
 
 import inspect
 
-from flowvae.flows import nice, planar, radial  # noqa: F401  (registration side effects)
+from flowvae.flows import (  # noqa: F401  (registration side effects)
+    affine_coupling,
+    householder,
+    iaf,
+    nice,
+    planar,
+    radial,
+    sylvester,
+)
+from flowvae.flows.affine_coupling import AffineCoupling
 from flowvae.flows.base import Flow
+from flowvae.flows.householder import Householder
+from flowvae.flows.iaf import IAF
 from flowvae.flows.nice import NICE
 from flowvae.flows.planar import Planar
 from flowvae.flows.radial import Radial
 from flowvae.flows.registry import FLOWS
 from flowvae.flows.stack import FlowStack
+from flowvae.flows.sylvester import (
+    Sylvester,
+    SylvesterHouseholder,
+    SylvesterOrthogonal,
+    SylvesterTriangular,
+)
 from flowvae.registry import suggest
 
-__all__ = ["FLOWS", "Flow", "FlowStack", "NICE", "Planar", "Radial", "available", "build", "get"]
+__all__ = [
+    "FLOWS",
+    "IAF",
+    "NICE",
+    "AffineCoupling",
+    "Flow",
+    "FlowStack",
+    "Householder",
+    "Planar",
+    "Radial",
+    "Sylvester",
+    "SylvesterHouseholder",
+    "SylvesterOrthogonal",
+    "SylvesterTriangular",
+    "available",
+    "build",
+    "get",
+]
 
 
 def available() -> list[str]:

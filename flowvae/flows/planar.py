@@ -7,7 +7,12 @@ Invertibility needs wᵀû > -1. The paper's fix projects u onto that set:
 
     û = u + [m(wᵀu) - wᵀu] · w / ‖w‖²,   m(x) = -1 + softplus(x)
 
-so that wᵀû = m(wᵀu). In floating point softplus(x) underflows to 0 for x ≲ -745 (float64) and
+so that wᵀû = m(wᵀu). The correction term has size |m(wᵀu) - wᵀu| / ‖w‖, which is unbounded
+as ‖w‖ → 0; with a free offset b the layer then translates z by up to ~tanh(b)/‖w‖. An encoder
+that emits a small w for some input sends that input's latent code arbitrarily far away, which
+is how amortised planar VAEs blow up. flowvae therefore parameterises the offset in z units,
+b = ‖w‖·b̃, i.e. tanh(‖w‖(ŵᵀz + b̃)): the same family of maps, but since |tanh(x)| <= |x| the
+displacement is bounded by ‖u‖ + |m - wᵀu|·(|ŵᵀz| + |b̃|) whatever ‖w‖ is. In floating point softplus(x) underflows to 0 for x ≲ -745 (float64) and
 the layer would become singular, so flowvae keeps a margin: m(x) = -1 + softplus(x) + SLACK.
 The log-det is then written as log(t² + s·(1 - t²)) with t = tanh(a), s = softplus(wᵀu) + SLACK,
 which is 1 + m·tanh'(a) without cancellation. The inverse solves the scalar equation
@@ -40,10 +45,16 @@ def planar_uhat(u: Tensor, w: Tensor) -> Tensor:
     return u + ((m - wu) / w_sq).unsqueeze(-1) * w
 
 
+def planar_preactivation(z: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """wᵀz + ‖w‖·b̃ (the offset b̃ is measured in z units, see the module docstring)."""
+    norm = batch_dot(w, w).clamp_min(torch.finfo(w.dtype).tiny).sqrt()
+    return batch_dot(z, w) + norm * b[:, 0]
+
+
 def planar_forward(z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """f(z) and log|det ∂f/∂z| for u, w of shape (B|1, D) and b of shape (B|1, 1)."""
+    """f(z) and log|det ∂f/∂z| for u, w of shape (B|1, D) and b̃ of shape (B|1, 1)."""
     u_hat = planar_uhat(u, w)
-    t = torch.tanh(batch_dot(z, w) + b[:, 0])
+    t = torch.tanh(planar_preactivation(z, w, b))
     s = planar_slack(u, w)
     z_next = z + u_hat * t.unsqueeze(-1)
     t_sq = t * t
@@ -52,10 +63,10 @@ def planar_forward(z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, 
 
 
 def planar_inverse(y: Tensor, u: Tensor, w: Tensor, b: Tensor, iterations: int = 200) -> Tensor:
-    """z with f(z) = y: solve a + m tanh(a) = wᵀy + b, then z = y - û tanh(a)."""
+    """z with f(z) = y: solve a + m tanh(a) = wᵀy + ‖w‖b̃, then z = y - û tanh(a)."""
     u_hat = planar_uhat(u, w)
     m = (planar_slack(u, w) - 1.0).expand(y.shape[0])
-    c = batch_dot(y, w) + b[:, 0]
+    c = planar_preactivation(y, w, b)
     with torch.no_grad():
         c_, m_ = c.detach(), m.detach()
         # |m tanh(a)| <= |m| brackets the root; g(a) = a + m tanh(a) - c is increasing.

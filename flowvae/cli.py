@@ -1,0 +1,302 @@
+"""The flowvae command line: a thin layer over the library.
+
+flowvae train --config configs/energy.yaml [--set flow.k=8] [--out DIR] [--resume]
+flowvae eval  runs/NAME/checkpoints/best.pt [--json]
+flowvae sample runs/NAME/checkpoints/best.pt --out figure.png
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flowvae import __version__
+from flowvae.errors import FlowvaeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    help=(
+        "Variational inference with normalizing flows (Rezende & Mohamed, 2015).\n\n"
+        "Fit planar, radial, NICE and later flows to the paper's 2-D energies U1..U4, or train a "
+        "flow VAE on binarised MNIST, from a YAML config. Start with:\n\n"
+        "  flowvae train --config configs/energy.yaml\n\n"
+        "  flowvae eval runs/U1-planar-k32-s0/checkpoints/best.pt\n\n"
+        "  flowvae sample runs/U1-planar-k32-s0/checkpoints/best.pt --out fig.png"
+    ),
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def user_errors(fn):
+    """Print a FlowvaeError as one line on stderr and exit 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from flowvae.train import Interrupted
+
+        try:
+            return fn(*args, **kwargs)
+        except FlowvaeError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except Interrupted as exc:
+            err.print(
+                f"[yellow]interrupted[/] at step {exc.step}; checkpoint saved to {exc.path} — "
+                "resume with the same command plus --resume",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"flowvae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (see configs/).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a key, value parsed as YAML: --set flow.k=8 --set model.hidden=[400,400]. Repeatable.",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Run folder (default: runs/<target|data>-<flow>-k<K>-s<seed>)."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu or cuda (overrides the config).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from <out>/checkpoints/last.pt.")
+    ] = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="Hide the progress bar.")
+    ] = False,
+) -> None:
+    """Train a flow: density matching on U1..U4 or a flow VAE on MNIST.
+
+    Writes <out>/config.yaml, checkpoints/last.pt and best.pt, metrics.jsonl and TensorBoard logs
+    (tensorboard --logdir runs). Ctrl-C saves last.pt; --resume continues exactly.
+    """
+    from flowvae.config import load_config
+    from flowvae.train import default_out_dir
+    from flowvae.train import train as run_training
+
+    overrides = list(set_ or [])
+    if device is not None:
+        overrides.append(f"device={device}")
+    cfg = load_config(config, overrides)
+    target = out_dir or default_out_dir(cfg)
+    what = cfg.target.name if cfg.experiment == "density" else cfg.data.name
+    err.print(
+        f"[bold]flowvae[/] {cfg.experiment} · {what} · {cfg.flow.name} K={cfg.flow.k} · "
+        f"{cfg.train.steps} steps → {target}",
+        highlight=False,
+    )
+    result = run_training(cfg, target, resume=resume, console=err, progress=not no_progress)
+    err.print(
+        f"done: {result.step} steps in {result.seconds:.1f} s; best validation score "
+        f"{result.best_score:.4f}; checkpoints in {result.out_dir / 'checkpoints'}",
+        highlight=False,
+    )
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint, e.g. runs/NAME/checkpoints/best.pt.")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout.")
+    ] = False,
+    samples: Annotated[
+        int | None, typer.Option("--samples", min=2, help="Density runs: samples for KL(q‖p).")
+    ] = None,
+    iw_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--iw-samples", min=1, help="VAE runs: importance samples per image (default 200)."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="VAE runs: test or valid.")] = "test",
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="VAE runs: evaluate only the first N images."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    data_root: Annotated[
+        str | None, typer.Option("--data-root", help="VAE runs: folder with the MNIST files.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation's samples.")] = 0,
+) -> None:
+    """Evaluate a checkpoint: KL(q‖p) in nats for density runs; -ELBO and importance-sampled
+    -log p(x) for VAE runs."""
+    from flowvae.errors import ConfigError
+    from flowvae.runs import evaluate_density, evaluate_vae, load_run
+
+    if split not in ("test", "valid"):
+        raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")
+    run = load_run(checkpoint, device=device, data_root=data_root)
+    if run.cfg.experiment == "density":
+        result = evaluate_density(run, samples or run.cfg.eval.samples, seed=seed)
+        rows = [
+            "target",
+            "flow",
+            "k",
+            "kl",
+            "kl_stderr",
+            "ess_fraction",
+            "mean_weight",
+            "log_z",
+            "samples",
+        ]
+    else:
+        s = iw_samples or run.cfg.eval.iw_samples
+        from rich.progress import Progress
+
+        with Progress(
+            console=err, transient=True, disable=as_json and not sys.stderr.isatty()
+        ) as bar:
+            task = bar.add_task(f"eval S={s}", total=None)
+
+            def tick(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            result = evaluate_vae(run, s, split=split, limit=limit, seed=seed, progress=tick)
+        rows = [
+            "dataset",
+            "split",
+            "flow",
+            "k",
+            "neg_elbo",
+            "nll",
+            "nll_stderr",
+            "iw_samples",
+            "examples",
+        ]
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title=f"{checkpoint}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in rows + ["seconds"]:
+        table.add_row(key, _fmt(result[key]))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def sample(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint, e.g. runs/NAME/checkpoints/best.pt.")
+    ],
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of samples.")] = 10000,
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help=".png (picture) or .npz (arrays).")
+    ] = Path("samples.png"),
+    reconstruct: Annotated[
+        bool,
+        typer.Option("--reconstruct", help="VAE runs: test images beside their reconstructions."),
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    data_root: Annotated[
+        str | None, typer.Option("--data-root", help="VAE runs: folder with the MNIST files.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the samples.")] = 0,
+) -> None:
+    """Draw samples. Density runs: .png shows q_K beside the target (the paper's Figure 3);
+    .npz holds z (N×2) and log_q (N). VAE runs: .png is a grid of decoded prior samples
+    (--reconstruct: test images and reconstructions); .npz holds the arrays."""
+    from flowvae.errors import ConfigError
+    from flowvae.runs import load_run
+    from flowvae.sampling import sample_density, sample_vae
+
+    suffix = out_file.suffix.lower()
+    if suffix not in (".png", ".npz"):
+        raise ConfigError(f"--out {out_file}: use a .png or .npz file name")
+    if not out_file.parent.exists():
+        raise ConfigError(f"--out {out_file}: folder {out_file.parent} does not exist")
+    run = load_run(checkpoint, device=device, data_root=data_root)
+    if run.cfg.experiment == "density":
+        sample_density(run, n, out_file, seed=seed)
+    else:
+        sample_vae(run, n, out_file, reconstruct=reconstruct, seed=seed)
+    err.print(f"wrote {out_file}", highlight=False)
+
+
+@app.command("list")
+def list_() -> None:
+    """The registered flows, targets, datasets and experiments."""
+    from flowvae import flows
+    from flowvae.data import DATASETS
+    from flowvae.experiment import EXPERIMENTS
+    from flowvae.targets import TARGETS
+
+    table = Table(show_header=True)
+    table.add_column("kind")
+    table.add_column("names")
+    table.add_row("flows", ", ".join(flows.available()))
+    table.add_row("targets", ", ".join(TARGETS.names()))
+    table.add_row("datasets", ", ".join(DATASETS.names()))
+    table.add_row(
+        "experiments", "density, vae" if not EXPERIMENTS.names() else ", ".join(EXPERIMENTS.names())
+    )
+    out.print(table)
+
+
+@app.command()
+def keys() -> None:
+    """Every config key with its default and meaning (for --set and YAML files)."""
+    from flowvae.config import describe
+
+    table = Table(show_header=True)
+    table.add_column("key")
+    table.add_column("default")
+    table.add_column("meaning")
+    for key, default, doc in describe():
+        table.add_row(key, default, doc)
+    out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,366 @@
+"""Typed run configuration: YAML (safe_load) + ``--set a.b=value`` overrides, validated.
+
+Every error names the key, the value and what is allowed, in one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowvae.errors import ConfigError
+from flowvae.registry import suggest
+
+
+def opt(
+    default: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    choices: tuple | None = None,
+    doc: str = "",
+) -> Any:
+    """A dataclass field with range/choice metadata used by validation."""
+    meta = {"gt": gt, "ge": ge, "choices": choices, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TargetConfig:
+    name: str = opt("U1", doc="2-D energy for the density experiment: U1, U2, U3 or U4")
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("mnist", doc="dataset for the VAE experiment")
+    root: str | None = opt(
+        None,
+        doc="folder with the MNIST IDX files (default: $FLOWVAE_DATA or ~/.cache/flowvae/mnist)",
+    )
+    binarize: str = opt(
+        "dynamic",
+        choices=("dynamic", "static"),
+        doc="fresh Bernoulli draw per batch, or one seeded draw",
+    )
+    valid_size: int = opt(10000, ge=0, doc="training images held out for model selection")
+    download: bool = opt(True, doc="download missing files from the public mirrors")
+
+
+@dataclass
+class FlowConfig:
+    name: str = opt("planar", doc="flow family (see `flowvae list`)")
+    k: int = opt(32, ge=0, doc="number of flow layers K (0 = no flow)")
+    options: dict = opt({}, doc="family-specific options, e.g. {hidden: [64, 64]} for nice")
+
+
+@dataclass
+class ModelConfig:
+    base: str = opt(
+        "diagonal",
+        choices=("standard", "diagonal"),
+        doc="density base q0: N(0, I) or a learnable diagonal Gaussian",
+    )
+    hidden: list[int] = opt([400], doc="hidden widths of the VAE encoder and decoder MLPs")
+    activation: str = opt(
+        "maxout", choices=("maxout", "relu", "tanh", "softplus", "elu"), doc="MLP nonlinearity"
+    )
+    maxout_window: int = opt(4, gt=0, doc="pieces per maxout unit")
+    latent_dim: int = opt(40, gt=0, doc="latent dimension D of the VAE")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(20000, gt=0, doc="parameter updates")
+    batch_size: int = opt(512, gt=0, doc="samples (density) or images (VAE) per update")
+    lr: float = opt(1e-3, gt=0, doc="learning rate")
+    optimizer: str = opt("adam", choices=("adam", "adamax", "rmsprop"), doc="optimiser")
+    momentum: float = opt(0.9, ge=0, doc="RMSprop momentum")
+    lr_schedule: str = opt("constant", choices=("constant", "cosine"), doc="learning-rate schedule")
+    anneal_steps: int = opt(0, ge=0, doc="β_t = min(1, 0.01 + t/anneal_steps); 0 = no annealing")
+    grad_clip: float = opt(0.0, ge=0, doc="clip the gradient norm to this value (0 = off)")
+    log_every: int = opt(100, gt=0, doc="steps between logged metrics")
+    checkpoint_every: int = opt(1000, gt=0, doc="steps between checkpoints")
+    eval_every: int = opt(1000, gt=0, doc="steps between validation evaluations (selects best.pt)")
+    max_bad_steps: int = opt(20, gt=0, doc="consecutive non-finite steps before the run stops")
+    compile: bool = opt(False, doc="torch.compile the model")
+
+
+@dataclass
+class EvalConfig:
+    samples: int = opt(100000, gt=0, doc="samples for the density KL estimate")
+    valid_samples: int = opt(20000, gt=0, doc="samples for the periodic density validation")
+    iw_samples: int = opt(200, gt=0, doc="importance samples per image for -log p(x)")
+    batch_size: int = opt(100, gt=0, doc="images per validation batch")
+
+
+@dataclass
+class Config:
+    experiment: str = opt(
+        "density",
+        choices=("density", "vae"),
+        doc="density matching on a 2-D energy, or a flow VAE on a dataset",
+    )
+    seed: int = opt(0, ge=0, doc="random seed")
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"), doc="where to train")
+    target: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(
+            f"config file {path} does not exist — check the path (configs/ holds the shipped ones)"
+        )
+    if path.is_dir():
+        raise ConfigError(
+            f"config {path} is a folder — pass a YAML file such as configs/energy.yaml"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys (got {type(data).__name__})"
+        )
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like key=value, e.g. --set train.lr=1e-3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r} has an empty key — write e.g. --set flow.k=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            dotted = ".".join(path[: i + 1])
+            raise ConfigError(f"--set {'.'.join(path)}: {dotted} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+    }
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(inner[0]) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+    return names.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if origin is list:
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise _wrong_type(key, value, tp)
+        return [_coerce(v, item, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    raise _wrong_type(key, value, tp)
+
+
+def _wrong_type(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(
+        f"config key {key} = {value!r} has the wrong type: expected {_type_name(tp)}"
+    )
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config key {prefix.rstrip('.')} must be a section of keys, got {data!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            names = list(fields)
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{suggest(str(key), names)} "
+                f"(keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)})"
+            )
+        f, tp = fields[key], hints[key]
+        full = prefix + key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full + ".")
+            continue
+        v = _coerce(value, tp, full)
+        _check_range(full, v, f.metadata)
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def _check_range(key: str, value: Any, meta: Any) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(
+            f"config key {key} = {value!r} is not allowed{suggest(str(value), list(choices))} "
+            f"(choices: {', '.join(choices)})"
+        )
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if meta.get("gt") is not None and not v > meta["gt"]:
+            raise ConfigError(
+                f"config key {key} = {value!r} is out of range: must be > {meta['gt']}"
+            )
+        if meta.get("ge") is not None and not v >= meta["ge"]:
+            raise ConfigError(
+                f"config key {key} = {value!r} is out of range: must be >= {meta['ge']}"
+            )
+
+
+def _check_names(cfg: Config) -> None:
+    """Names that refer to registries, checked here so a typo fails before anything runs."""
+    from flowvae import flows
+    from flowvae.targets import TARGETS
+
+    for key, name, registry in (
+        ("flow.name", cfg.flow.name, flows.FLOWS),
+        ("target.name", cfg.target.name, TARGETS),
+    ):
+        if name not in registry:
+            choices = registry.names()
+            raise ConfigError(
+                f"config key {key} = {name!r} is unknown{suggest(name, choices)} (choices: {', '.join(choices)})"
+            )
+    if cfg.experiment == "vae":
+        from flowvae.data import DATASETS
+
+        if cfg.data.name not in DATASETS:
+            choices = DATASETS.names()
+            raise ConfigError(
+                f"config key data.name = {cfg.data.name!r} is unknown{suggest(cfg.data.name, choices)} "
+                f"(choices: {', '.join(choices)})"
+            )
+    allowed = flows.option_names(cfg.flow.name)
+    for key in cfg.flow.options:
+        if key not in allowed:
+            raise ConfigError(
+                f"config key flow.options.{key} is not an option of flow '{cfg.flow.name}'"
+                f"{suggest(str(key), allowed)} (options: {', '.join(allowed) or 'none'})"
+            )
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    _check_names(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply ``a.b=value`` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    return from_dict(data)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, doc) rows for every config key, for `flowvae config --help`-style listings."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,34 @@
+"""Multi-layer perceptrons for the VAE encoder and decoder, maxout included."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Maxout(nn.Module):
+    """Linear map to ``width * window`` units, then the max over each window of ``window``."""
+
+    def __init__(self, n_in: int, width: int, window: int) -> None:
+        super().__init__()
+        self.width, self.window = width, window
+        self.linear = nn.Linear(n_in, width * window)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.linear(x)
+        return y.view(*y.shape[:-1], self.width, self.window).amax(dim=-1)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+
+
+def mlp(n_in: int, hidden: list[int], activation: str = "relu", window: int = 4) -> nn.Sequential:
+    """Hidden layers only (the caller adds its own output heads); width of the result = hidden[-1]."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for h in hidden:
+        if activation == "maxout":
+            layers.append(Maxout(width, h, window))
+        else:
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        width = h
+    return nn.Sequential(*layers)

@@ -1,0 +1,346 @@
+"""One training loop for every experiment: optimiser, annealing, progress, TensorBoard,
+periodic validation, atomic checkpoints, resume, NaN guard and clean interruption."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from flowvae import checkpoint
+from flowvae.config import Config, dump, from_dict, to_dict
+from flowvae.device import resolve_device
+from flowvae.errors import ConfigError, TrainingError
+from flowvae.experiment import anneal_beta, build_experiment
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving last.pt."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted at step {step}")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    step: int
+    best_score: float
+    last: dict[str, float]
+    seconds: float
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr)
+    if t.optimizer == "adamax":
+        return torch.optim.Adamax(params, lr=t.lr, eps=1e-7)
+    return torch.optim.RMSprop(params, lr=t.lr, momentum=t.momentum)
+
+
+def make_schedule(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    steps = cfg.train.steps
+    if cfg.train.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def check_output_folder(out_dir: Path, need_bytes: int) -> None:
+    """Fail before training if the run folder cannot be written or the disk is nearly full."""
+    try:
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to the output folder {out_dir} ({exc.strerror or exc}) — choose another with --out"
+        ) from None
+    free = shutil.disk_usage(out_dir).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"only {free / 2**20:.1f} MiB free in {out_dir}, checkpoints need about "
+            f"{need_bytes / 2**20:.1f} MiB — free some space or choose another folder with --out"
+        )
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+@contextmanager
+def signals_caught():
+    """Turn SIGINT/SIGTERM into a flag the loop polls, so a checkpoint can be written first."""
+    caught: list[int] = []
+    handlers = {}
+
+    def handler(signum, _frame):
+        caught.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield caught
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def held_out_rng(seed: int, device: torch.device):
+    """Validation draws from its own seeded stream: the training stream is untouched (so resume
+    is exact) and every validation uses the same noise (so scores are comparable)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 1_000_003)
+        yield
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard scalars and images."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def images(self, step: int, images: dict[str, Any]) -> None:
+        if self.writer is not None:
+            for key, img in images.items():
+                self.writer.add_image(key, img, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after ``step`` (a resumed run logs those steps again)."""
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2 * 3 * n + 8 * 2**20  # last + best, each with two optimiser moments, plus slack
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    console: Console | None = None,
+    progress: bool = True,
+    tensorboard: bool = True,
+) -> RunResult:
+    console = console or Console(stderr=True)
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+
+    resume_state = None
+    if resume:
+        if not last_path.exists():
+            raise ConfigError(f"--resume: no checkpoint at {last_path} — start without --resume")
+        resume_state = checkpoint.load(last_path)
+        saved = from_dict(resume_state["config"])
+        # The run's own config wins, except for the length of the run.
+        saved.train.steps = cfg.train.steps
+        cfg = saved
+    elif last_path.exists():
+        raise ConfigError(
+            f"{out_dir} already holds a run — add --resume to continue it, or choose another --out"
+        )
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    experiment = build_experiment(cfg, device)
+    model = experiment.model
+    check_output_folder(out_dir, estimate_checkpoint_bytes(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    schedule = make_schedule(cfg, optimizer)
+
+    step, best = 0, math.inf
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        schedule.load_state_dict(resume_state["schedule"])
+        step, best = int(resume_state["step"]), float(resume_state["best_score"])
+        set_rng_state(resume_state["rng"], device)
+        truncate_metrics(out_dir / "metrics.jsonl", step)
+    (out_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+
+    train_step = _compiled_step(experiment, cfg) if cfg.train.compile else None
+
+    def state(score: float | None = None) -> dict[str, Any]:
+        return checkpoint.make_checkpoint(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            schedule=schedule.state_dict(),
+            step=step,
+            best_score=best,
+            score=score,
+            rng=rng_state(device),
+            config=to_dict(cfg),
+            experiment=experiment.summary(),
+        )
+
+    log = MetricsLog(out_dir, tensorboard=tensorboard)
+    t = cfg.train
+    clip = t.grad_clip if t.grad_clip > 0 else math.inf
+    bad_in_a_row = 0
+    last_metrics: dict[str, float] = {}
+    start_time = time.perf_counter()
+    window_start, window_steps = time.perf_counter(), 0
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not progress,
+        transient=False,
+    )
+    try:
+        with signals_caught() as caught, bar:
+            task = bar.add_task("train", total=t.steps, completed=step, info="")
+            while step < t.steps:
+                beta = anneal_beta(step, t.anneal_steps)
+                model.train()
+                if train_step is not None:
+                    loss, metrics = train_step(step, beta)
+                else:
+                    loss, metrics = experiment.train_loss(step, beta)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                # One host sync per step: the price of never letting a NaN into the weights.
+                if not bool(torch.isfinite(loss.detach() + grad_norm)):
+                    bad_in_a_row += 1
+                    step += 1
+                    console.print(
+                        f"[yellow]warning:[/] non-finite loss or gradient at step {step}, "
+                        f"update skipped ({bad_in_a_row}/{t.max_bad_steps} in a row)"
+                    )
+                    if bad_in_a_row >= t.max_bad_steps:
+                        raise TrainingError(
+                            f"{bad_in_a_row} non-finite steps in a row at step {step} — lower train.lr, "
+                            f"set train.grad_clip, or check the data; last good checkpoint: {last_path}"
+                        )
+                    bar.update(task, completed=step)
+                    continue
+                bad_in_a_row = 0
+                optimizer.step()
+                schedule.step()
+                step += 1
+                window_steps += 1
+
+                if step % t.log_every == 0 or step == t.steps:
+                    now = time.perf_counter()
+                    rate = window_steps / max(now - window_start, 1e-9)
+                    window_start, window_steps = now, 0
+                    last_metrics = {
+                        "loss": float(loss),
+                        "beta": beta,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "grad_norm": float(grad_norm),
+                        "steps_per_s": rate,
+                        **{k: float(v) for k, v in metrics.items()},
+                    }
+                    log.scalars(step, last_metrics, "train")
+                    bar.update(
+                        task,
+                        info=f"loss {last_metrics['loss']:.4g}  β {beta:.2f}  {rate:.0f} it/s",
+                    )
+                bar.update(task, completed=step)
+
+                if step % t.eval_every == 0 or step == t.steps:
+                    model.eval()
+                    with held_out_rng(cfg.seed, device):
+                        val = experiment.validate()
+                        images = experiment.images()
+                    log.scalars(step, val, "valid")
+                    log.images(step, images)
+                    if val["score"] < best and math.isfinite(val["score"]):
+                        best = val["score"]
+                        checkpoint.save_atomic(state(val["score"]), best_path)
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    checkpoint.save_atomic(state(), last_path)
+                if caught:
+                    checkpoint.save_atomic(state(), last_path)
+                    raise Interrupted(caught[0], step, last_path)
+            if not best_path.exists():  # no finite validation: keep the final weights as best
+                checkpoint.save_atomic(state(), best_path)
+    finally:
+        log.close()
+    return RunResult(out_dir, step, best, last_metrics, time.perf_counter() - start_time)
+
+
+def _compiled_step(experiment, cfg: Config):
+    compiled = torch.compile(experiment.train_loss, dynamic=False)
+    return compiled
+
+
+def default_out_dir(cfg: Config) -> Path:
+    what = cfg.target.name if cfg.experiment == "density" else cfg.data.name
+    return Path("runs") / f"{what}-{cfg.flow.name}-k{cfg.flow.k}-s{cfg.seed}"
+
+
+def clean_env_threads() -> None:
+    """Respect OMP_NUM_THREADS when set; otherwise let torch choose."""
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n and n.isdigit():
+        torch.set_num_threads(int(n))
