@@ -93,6 +93,14 @@ def negative_elbo(model: FlowVAE, x: Tensor, batch_size: int = 1000) -> Tensor:
     return torch.cat(out)
 
 
+def _repeat_rows(t: Tensor | None, s: int) -> Tensor | None:
+    """(n, d) -> (n*s, d) with each row repeated s times in a row."""
+    if t is None:
+        return None
+    n, d = t.shape
+    return t.unsqueeze(1).expand(n, s, d).reshape(n * s, d)
+
+
 def importance_nll(
     model: FlowVAE, x: Tensor, samples: int, max_rows: int = 20000
 ) -> tuple[Tensor, Tensor]:
@@ -110,13 +118,9 @@ def importance_nll(
     while done < samples:
         s = min(per_chunk, samples - done)
 
-        def rep(t: Tensor | None) -> Tensor | None:
-            return (
-                None if t is None else t.unsqueeze(1).expand(n, s, t.shape[-1]).reshape(n * s, -1)
-            )
-
         eps = torch.randn(n * s, model.latent_dim, device=x.device, dtype=mu.dtype)
-        terms = model.log_weights(rep(x), rep(mu), rep(sigma), rep(params), eps)
+        x_r, mu_r, sigma_r, params_r = (_repeat_rows(t, s) for t in (x, mu, sigma, params))
+        terms = model.log_weights(x_r, mu_r, sigma_r, params_r, eps)
         log_w = (terms["log_px"] + terms["log_pz"] - terms["log_q"]).view(n, s)
         elbo_sum += log_w.sum(1)
         chunk_lse = torch.logsumexp(log_w, dim=1)

@@ -148,7 +148,11 @@ def case_params() -> list:
                 for case in cases:
                     for huge in (False, True):
                         marks = ()
-                        if mode == "global" and case != "random" and not global_holds_params(name, dim):
+                        if (
+                            mode == "global"
+                            and case != "random"
+                            and not global_holds_params(name, dim)
+                        ):
                             marks = pytest.mark.skip(
                                 reason="stress_params are per-example inputs this family's "
                                 "global layers do not own"
@@ -344,7 +348,9 @@ def test_unknown_flow_suggests_closest_name():
     with pytest.raises(KeyError) as info:
         flows.get("plannar")
     choices = ", ".join(sorted(flows.available()))
-    assert str(info.value) == f"unknown flow 'plannar' — did you mean 'planar'? (choices: {choices})"
+    assert (
+        str(info.value) == f"unknown flow 'plannar' — did you mean 'planar'? (choices: {choices})"
+    )
 
 
 def test_build_rejects_unknown_option():
@@ -367,7 +373,10 @@ def test_flows_import_does_not_pull_in_cli():
         "from flowvae.flows import build\n"
         "assert 'flowvae.cli' not in sys.modules, sorted(m for m in sys.modules if 'flowvae' in m)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
