@@ -293,7 +293,7 @@ def train(
                     rate = window_steps / max(now - window_start, 1e-9)
                     window_start, window_steps = now, 0
                     last_metrics = {
-                        "loss": float(loss),
+                        "loss": float(loss.detach()),
                         "beta": beta,
                         "lr": optimizer.param_groups[0]["lr"],
                         "grad_norm": float(grad_norm),

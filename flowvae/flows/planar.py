@@ -45,16 +45,20 @@ def planar_uhat(u: Tensor, w: Tensor) -> Tensor:
     return u + ((m - wu) / w_sq).unsqueeze(-1) * w
 
 
-def planar_preactivation(z: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """wᵀz + ‖w‖·b̃ (the offset b̃ is measured in z units, see the module docstring)."""
+def planar_preactivation(z: Tensor, w: Tensor, b: Tensor, scaled_offset: bool = True) -> Tensor:
+    """wᵀz + ‖w‖·b̃ (offset in z units, see the module docstring), or the paper's wᵀz + b."""
+    if not scaled_offset:
+        return batch_dot(z, w) + b[:, 0]
     norm = batch_dot(w, w).clamp_min(torch.finfo(w.dtype).tiny).sqrt()
     return batch_dot(z, w) + norm * b[:, 0]
 
 
-def planar_forward(z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def planar_forward(
+    z: Tensor, u: Tensor, w: Tensor, b: Tensor, scaled_offset: bool = True
+) -> tuple[Tensor, Tensor]:
     """f(z) and log|det ∂f/∂z| for u, w of shape (B|1, D) and b̃ of shape (B|1, 1)."""
     u_hat = planar_uhat(u, w)
-    t = torch.tanh(planar_preactivation(z, w, b))
+    t = torch.tanh(planar_preactivation(z, w, b, scaled_offset))
     s = planar_slack(u, w)
     z_next = z + u_hat * t.unsqueeze(-1)
     t_sq = t * t
@@ -62,11 +66,13 @@ def planar_forward(z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, 
     return z_next, log_det.expand(z.shape[0])
 
 
-def planar_inverse(y: Tensor, u: Tensor, w: Tensor, b: Tensor, iterations: int = 200) -> Tensor:
+def planar_inverse(
+    y: Tensor, u: Tensor, w: Tensor, b: Tensor, scaled_offset: bool = True, iterations: int = 200
+) -> Tensor:
     """z with f(z) = y: solve a + m tanh(a) = wᵀy + ‖w‖b̃, then z = y - û tanh(a)."""
     u_hat = planar_uhat(u, w)
     m = (planar_slack(u, w) - 1.0).expand(y.shape[0])
-    c = planar_preactivation(y, w, b)
+    c = planar_preactivation(y, w, b, scaled_offset)
     with torch.no_grad():
         c_, m_ = c.detach(), m.detach()
         # |m tanh(a)| <= |m| brackets the root; g(a) = a + m tanh(a) - c is increasing.
@@ -93,6 +99,15 @@ class Planar(Flow):
 
     exact_inverse = False
 
+    def __init__(
+        self, dim: int, *, amortized: bool = False, index: int = 0, offset: str = "scaled"
+    ) -> None:
+        if offset not in ("scaled", "free"):
+            raise ValueError(f"planar offset must be 'scaled' or 'free', got {offset!r}")
+        # "free" is the paper's raw b, kept to reproduce the amortised instability it causes.
+        self.scaled_offset = offset == "scaled"
+        super().__init__(dim, amortized=amortized, index=index)
+
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"u": (self.dim,), "w": (self.dim,), "b": (1,)}
 
@@ -102,10 +117,10 @@ class Planar(Flow):
         return super().init_param(name, shape)
 
     def transform(self, z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        return planar_forward(z, u, w, b)
+        return planar_forward(z, u, w, b, self.scaled_offset)
 
     def inverse_transform(self, y: Tensor, u: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return planar_inverse(y, u, w, b)
+        return planar_inverse(y, u, w, b, self.scaled_offset)
 
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:
