@@ -26,10 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowvae.flows.base import Flow, batch_dot
+from flowvae.flows.planar_fused import planar_forward_fused
 from flowvae.flows.registry import FLOWS
 
 #: Margin that keeps wᵀû >= -1 + SLACK (and so |det J| >= SLACK) in finite precision.
 SLACK = 1e-3
+
+#: Use the single-node autograd Function (planar_fused.py); False selects the reference ops.
+FUSED = True
 
 
 def planar_slack(u: Tensor, w: Tensor) -> Tensor:
@@ -117,6 +121,8 @@ class Planar(Flow):
         return super().init_param(name, shape)
 
     def transform(self, z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        if FUSED:
+            return planar_forward_fused(z, u, w, b, self.scaled_offset, SLACK)
         return planar_forward(z, u, w, b, self.scaled_offset)
 
     def inverse_transform(self, y: Tensor, u: Tensor, w: Tensor, b: Tensor) -> Tensor:
