@@ -64,6 +64,8 @@ def kl_estimate(model: FlowDensity, target: Target, n: int, chunk: int = 65536) 
 
 
 class DensityExperiment:
+    single_thread = True
+
     def __init__(self, cfg, device: torch.device) -> None:
         self.cfg = cfg
         self.target: Target = TARGETS.get(cfg.target.name)

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,11 @@ def train(
     console: Console | None = None,
     progress: bool = True,
     tensorboard: bool = True,
+    on_start: Callable[[Config, Path], None] | None = None,
 ) -> RunResult:
+    """Train ``cfg`` into ``out_dir``. ``on_start(cfg, out_dir)`` runs once the run's own config
+    is known (the saved one on resume) and the resume/device checks have passed, so a caller's
+    banner never precedes a one-line usage error."""
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -202,8 +207,13 @@ def train(
         )
 
     device = resolve_device(cfg.device)
+    if on_start is not None:
+        on_start(cfg, out_dir)
     torch.manual_seed(cfg.seed)
     experiment = build_experiment(cfg, device)
+    if device.type == "cpu" and getattr(experiment, "single_thread", False):
+        # 2-D problems are a few hundred tiny ops per step: threads only add sync overhead.
+        torch.set_num_threads(1)
     model = experiment.model
     check_output_folder(out_dir, estimate_checkpoint_bytes(model))
     params = [p for p in model.parameters() if p.requires_grad]
