@@ -121,13 +121,18 @@ def train(
         overrides.append(f"device={device}")
     cfg = load_config(config, overrides)
     target = out_dir or default_out_dir(cfg)
-    what = cfg.target.name if cfg.experiment == "density" else cfg.data.name
-    err.print(
-        f"[bold]flowvae[/] {cfg.experiment} · {what} · {cfg.flow.name} K={cfg.flow.k} · "
-        f"{cfg.train.steps} steps → {target}",
-        highlight=False,
+
+    def banner(cfg, target) -> None:  # printed only once the run's checks have passed
+        what = cfg.target.name if cfg.experiment == "density" else cfg.data.name
+        err.print(
+            f"[bold]flowvae[/] {cfg.experiment} · {what} · {cfg.flow.name} K={cfg.flow.k} · "
+            f"{cfg.train.steps} steps → {target}",
+            highlight=False,
+        )
+
+    result = run_training(
+        cfg, target, resume=resume, console=err, progress=not no_progress, on_start=banner
     )
-    result = run_training(cfg, target, resume=resume, console=err, progress=not no_progress)
     err.print(
         f"done: {result.step} steps in {result.seconds:.1f} s; best validation score "
         f"{result.best_score:.4f}; checkpoints in {result.out_dir / 'checkpoints'}",
@@ -262,6 +267,93 @@ def sample(
     else:
         sample_vae(run, n, out_file, reconstruct=reconstruct, seed=seed)
     err.print(f"wrote {out_file}", highlight=False)
+
+
+@app.command()
+@user_errors
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Base YAML config.")],
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            "--grid",
+            "-g",
+            help="key=v1,v2,... ; repeat for a Cartesian product, e.g. --grid flow.k=0,10,40",
+        ),
+    ],
+    out_root: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder that gets one run folder per grid point.")
+    ],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override applied to every run.")
+    ] = None,
+    iw_samples: Annotated[
+        int | None, typer.Option("--iw-samples", min=1, help="VAE runs: IS samples for eval.")
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", min=2, help="Density runs: samples for eval.")
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
+) -> None:
+    """Train and evaluate a grid of runs one after another. Finished runs are skipped and
+    interrupted ones resumed, so the same command continues a sweep."""
+    from flowvae.runs import evaluate_density, evaluate_vae, load_run
+    from flowvae.sweep import sweep as run_sweep
+    from flowvae.train import train as run_training
+
+    def train_fn(cfg, run_dir, resume):
+        run_training(cfg, run_dir, resume=resume, console=err, progress=not no_progress)
+
+    def eval_fn(ckpt):
+        run = load_run(ckpt)
+        if run.cfg.experiment == "density":
+            return evaluate_density(run, samples or run.cfg.eval.samples)
+        return evaluate_vae(run, iw_samples or run.cfg.eval.iw_samples)
+
+    run_sweep(
+        config,
+        grid,
+        out_root,
+        list(set_ or []),
+        train_fn,
+        eval_fn,
+        log=lambda m: err.print(m, highlight=False),
+    )
+
+
+@app.command()
+@user_errors
+def report(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Run folders, or folders holding them (e.g. a sweep's --out)."),
+    ],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the Markdown here.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="VAE runs: PNG of -log p(x) against K.")
+    ] = None,
+    figure: Annotated[
+        Path | None, typer.Option("--figure", help="Density runs: the Figure-3 grid PNG.")
+    ] = None,
+) -> None:
+    """Collect evaluated runs (their eval.json) into Markdown tables beside the paper's numbers."""
+    from flowvae.errors import ConfigError
+    from flowvae.report import report as make_report
+
+    for p in runs:
+        if not p.exists():
+            raise ConfigError(f"{p} does not exist — pass run folders or a sweep folder")
+    text = make_report(runs, out_file, plot, figure)
+    if not text:
+        raise ConfigError(
+            "no evaluated runs found (folders with eval.json) — run `flowvae sweep` or `flowvae eval --json > RUN/eval.json` first"
+        )
+    if out_file is None:
+        out.print(text, markup=False, highlight=False)
+    else:
+        err.print(f"wrote {out_file}", highlight=False)
 
 
 @app.command("list")

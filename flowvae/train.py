@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import time
@@ -19,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from flowvae import checkpoint
+from flowvae import __version__, checkpoint
 from flowvae.config import Config, dump, from_dict, to_dict
 from flowvae.device import resolve_device
 from flowvae.errors import ConfigError, TrainingError
@@ -220,8 +221,9 @@ def train(
     optimizer = make_optimizer(cfg, params)
     schedule = make_schedule(cfg, optimizer)
 
-    step, best = 0, math.inf
+    step, best, elapsed_before = 0, math.inf, 0.0
     if resume_state is not None:
+        elapsed_before = float(resume_state.get("elapsed", 0.0))
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         schedule.load_state_dict(resume_state["schedule"])
@@ -241,6 +243,7 @@ def train(
             best_score=best,
             score=score,
             rng=rng_state(device),
+            elapsed=elapsed_before + time.perf_counter() - start_time,
             config=to_dict(cfg),
             experiment=experiment.summary(),
         )
@@ -336,7 +339,38 @@ def train(
                 checkpoint.save_atomic(state(), best_path)
     finally:
         log.close()
-    return RunResult(out_dir, step, best, last_metrics, time.perf_counter() - start_time)
+    seconds = time.perf_counter() - start_time
+    write_run_info(out_dir, cfg, device, step, elapsed_before + seconds)
+    return RunResult(out_dir, step, best, last_metrics, seconds)
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def write_run_info(
+    out_dir: Path, cfg: Config, device: torch.device, step: int, seconds: float
+) -> None:
+    """run.json: what ran where and for how long (read by `flowvae report`)."""
+    info = {
+        "steps": step,
+        "train_seconds": seconds,
+        "device": device.type,
+        "hardware": hardware_name(device),
+        "torch": torch.__version__,
+        "flowvae": __version__,
+    }
+    (out_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
 def _compiled_step(experiment, cfg: Config):

@@ -1,0 +1,87 @@
+"""Run a grid of configs one after another: skip finished runs, resume interrupted ones,
+and leave an ``eval.json`` in each run folder for `flowvae report`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowvae import checkpoint
+from flowvae.config import load_config, parse_override
+from flowvae.errors import ConfigError
+
+
+@dataclass
+class GridPoint:
+    name: str
+    overrides: list[str]
+
+
+def parse_grid(specs: list[str]) -> list[GridPoint]:
+    """['flow.k=0,2,10', 'flow.name=planar,nice'] -> the Cartesian product of the values."""
+    axes: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(
+                f"--grid {spec!r} must look like key=v1,v2,... e.g. --grid flow.k=0,2,10"
+            )
+        key, values = spec.split("=", 1)
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not items:
+            raise ConfigError(f"--grid {spec!r} lists no values")
+        parse_override(f"{key}={items[0]}")  # same key syntax as --set
+        axes.append((key.strip(), items))
+    points = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        overrides = [f"{key}={value}" for (key, _), value in zip(axes, combo)]
+        name = "-".join(_label(key, value) for (key, _), value in zip(axes, combo))
+        points.append(GridPoint(name or "run", overrides))
+    return points
+
+
+def _label(key: str, value: str) -> str:
+    """Folder-name part for one grid value: 'planar' for flow.name, 'k10' for flow.k."""
+    last = key.split(".")[-1]
+    text = value if last == "name" else f"{last}{value}"
+    return "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in text)
+
+
+def run_status(run_dir: Path, steps: int) -> str:
+    """'done' (trained and evaluated), 'trained', 'partial' or 'new'."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        return "new"
+    step = int(checkpoint.load(last)["step"])
+    if step < steps:
+        return "partial"
+    return "done" if (run_dir / "eval.json").exists() else "trained"
+
+
+def sweep(
+    config: Path,
+    grid: list[str],
+    out_root: Path,
+    overrides: list[str],
+    train_fn: Callable,
+    eval_fn: Callable[[Path], dict],
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    points = parse_grid(grid)
+    # Validate every point before the first one runs, so a typo cannot waste hours.
+    configs = [load_config(config, overrides + p.overrides) for p in points]
+    done = []
+    for i, (point, cfg) in enumerate(zip(points, configs), 1):
+        run_dir = out_root / point.name
+        status = run_status(run_dir, cfg.train.steps)
+        log(f"[{i}/{len(points)}] {point.name}: {status}")
+        if status in ("new", "partial"):
+            train_fn(cfg, run_dir, resume=status == "partial")
+            status = "trained"
+        if status == "trained":
+            result = eval_fn(run_dir / "checkpoints" / "best.pt")
+            (run_dir / "eval.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
+        done.append(run_dir)
+    return done
