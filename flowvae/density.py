@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from flowvae import flows
+from flowvae.distributed import SINGLE
 from flowvae.experiment import EXPERIMENTS, gaussian_log_prob
 from flowvae.targets import TARGETS, Target
 
@@ -27,7 +28,10 @@ class FlowDensity(nn.Module):
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         """n samples z_K and their exact log q_K(z_K)."""
-        eps = torch.randn(n, self.dim, device=self.mu.device, dtype=self.mu.dtype)
+        return self(torch.randn(n, self.dim, device=self.mu.device, dtype=self.mu.dtype))
+
+    def forward(self, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """z_K and log q_K(z_K) for base noise eps ~ N(0, I)."""
         z0 = self.mu + self.log_sigma.exp() * eps
         log_q0 = gaussian_log_prob(eps) - self.log_sigma.sum()
         z, log_det = self.flow(z0)
@@ -72,9 +76,12 @@ class DensityExperiment:
         stack = flows.build(cfg.flow.name, 2, cfg.flow.k, amortized=False, **cfg.flow.options)
         self.model = FlowDensity(stack, dim=2, learn_base=cfg.model.base == "diagonal").to(device)
         self.device = device
+        # The trainer swaps in a DistributedDataParallel wrapper and this rank's shard.
+        self.forward_model, self.shard = self.model, SINGLE
 
     def train_loss(self, step: int, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
-        z, log_q = self.model.sample(self.cfg.train.batch_size)
+        eps = torch.randn(self.cfg.train.batch_size, 2, device=self.device)
+        z, log_q = self.forward_model(self.shard.take(eps))
         energy = self.target.energy(z)
         loss = (log_q + beta * energy).mean()
         kl = (log_q + energy).mean().detach() + self.target.log_z

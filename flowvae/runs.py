@@ -74,7 +74,7 @@ def evaluate_vae(
     split: str = "test",
     limit: int | None = None,
     seed: int = 0,
-    max_rows: int = 20000,
+    max_rows: int = 4000,
     progress=None,
 ) -> dict[str, Any]:
     """-ELBO and importance-sampled -log p(x) with exactly ``iw_samples`` samples per image."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowvae import flows
+from flowvae.distributed import SINGLE
 from flowvae.experiment import EXPERIMENTS, gaussian_log_prob
 from flowvae.nets import mlp
 
@@ -69,14 +70,22 @@ class FlowVAE(nn.Module):
         z0 = mu + sigma * eps
         log_q0 = gaussian_log_prob(eps) - sigma.log().sum(-1)
         z, log_det = self.flow(z0, params)
-        logits = self.decode(z)
-        log_px = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+        log_px = bernoulli_log_lik(self.decode(z), x)
         return {"log_px": log_px, "log_pz": gaussian_log_prob(z), "log_q": log_q0 - log_det}
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """One-sample terms per data point."""
+    def forward(self, x: Tensor, eps: Tensor | None = None) -> dict[str, Tensor]:
+        """One-sample terms per data point (base noise eps drawn here unless given)."""
         mu, sigma, params = self.encode(x)
-        return self.log_weights(x, mu, sigma, params, torch.randn_like(mu))
+        return self.log_weights(x, mu, sigma, params, torch.randn_like(mu) if eps is None else eps)
+
+
+def bernoulli_log_lik(logits: Tensor, x: Tensor) -> Tensor:
+    """log p(x|z) = Σ x·l - softplus(l) from logits (stable, no clamping). x may be (n, 1, d)
+    against logits (n·s, d), s consecutive rows per image, so importance samples never copy x."""
+    if x.shape == logits.shape:
+        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    grouped = logits.view(x.shape[0], -1, x.shape[-1])  # (n, s, d) rows of image i together
+    return ((grouped * x).sum(-1) - F.softplus(grouped).sum(-1)).reshape(-1)
 
 
 def free_energy(terms: dict[str, Tensor], beta: float) -> Tensor:
@@ -102,7 +111,7 @@ def _repeat_rows(t: Tensor | None, s: int) -> Tensor | None:
 
 
 def importance_nll(
-    model: FlowVAE, x: Tensor, samples: int, max_rows: int = 20000
+    model: FlowVAE, x: Tensor, samples: int, max_rows: int = 4000
 ) -> tuple[Tensor, Tensor]:
     """Per-image -log p(x) ≈ -log (1/S Σ_s p(x, z_s)/q(z_s|x)) with exactly S samples, and -ELBO.
 
@@ -119,8 +128,8 @@ def importance_nll(
         s = min(per_chunk, samples - done)
 
         eps = torch.randn(n * s, model.latent_dim, device=x.device, dtype=mu.dtype)
-        x_r, mu_r, sigma_r, params_r = (_repeat_rows(t, s) for t in (x, mu, sigma, params))
-        terms = model.log_weights(x_r, mu_r, sigma_r, params_r, eps)
+        mu_r, sigma_r, params_r = (_repeat_rows(t, s) for t in (mu, sigma, params))
+        terms = model.log_weights(x.unsqueeze(1), mu_r, sigma_r, params_r, eps)
         log_w = (terms["log_px"] + terms["log_pz"] - terms["log_q"]).view(n, s)
         elbo_sum += log_w.sum(1)
         chunk_lse = torch.logsumexp(log_w, dim=1)
@@ -155,10 +164,14 @@ class VAEExperiment:
             window=m.maxout_window,
             flow_options=cfg.flow.options,
         ).to(device)
+        # The trainer swaps in a DistributedDataParallel wrapper and this rank's shard.
+        self.forward_model, self.shard = self.model, SINGLE
 
     def train_loss(self, step: int, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+        # Draw the global batch and noise on every rank, keep this rank's shard (see distributed.py).
         x = self.data.train_batch(self.cfg.train.batch_size)
-        terms = self.model(x)
+        eps = torch.randn(x.shape[0], self.model.latent_dim, device=x.device)
+        terms = self.forward_model(self.shard.take(x), self.shard.take(eps))
         loss = free_energy(terms, beta).mean()
         with torch.no_grad():
             metrics = {
