@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +66,18 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             + (f" such as {hint}" if hint.exists() else "")
         )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" for a stray file
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # garbage makes the unpickler raise IndexError, KeyError, ...
+        reason = _reason(exc)
+        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in reason:
+            raise CheckpointError(
+                f"refusing to load {path}: it is not a plain-tensor checkpoint ({reason}); "
+                "flowvae loads checkpoints with weights_only=True"
+            ) from None
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-tensor checkpoint ({first[:160]}); "
-            "flowvae loads checkpoints with weights_only=True"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} is not a readable flowvae checkpoint (truncated or not a checkpoint: {first[:160]})"
+            f"{path} is not a readable flowvae checkpoint (truncated or not a checkpoint: {reason})"
         ) from None
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED):
         raise CheckpointError(
@@ -89,3 +90,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
             f"{__version__} reads schema {SCHEMA} — use the flowvae version that wrote it"
         )
     return ckpt
+
+
+def _reason(exc: Exception) -> str:
+    """The informative line of a torch.load error (not the weights_only boilerplate around it)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    first = (useful or lines or [type(exc).__name__])[0]
+    return first.split(". ", 1)[0].removesuffix(".")[:160]  # first sentence

@@ -257,7 +257,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in fields:
             names = list(fields)
             raise ConfigError(
-                f"unknown config key '{prefix}{key}'{suggest(str(key), names)} "
+                f"unknown config key '{prefix}{key}'{suggest(str(key), names, prefix)} "
                 f"(keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)})"
             )
         f, tp = fields[key], hints[key]

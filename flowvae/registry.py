@@ -16,14 +16,14 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
-def suggest(name: str, choices: list[str]) -> str:
-    """' — did you mean 'x'?' for the closest choice, or '' if nothing is close."""
+def suggest(name: str, choices: list[str], prefix: str = "") -> str:
+    """' — did you mean 'x'?' for the closest choice (shown with ``prefix``), or '' if none is close."""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     if not close:
         lowered = {c.lower(): c for c in choices}
         close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
         close = [lowered[c] for c in close]
-    return f" — did you mean '{close[0]}'?" if close else ""
+    return f" — did you mean '{prefix}{close[0]}'?" if close else ""
 
 
 class Registry(Generic[T]):
@@ -41,6 +41,12 @@ class Registry(Generic[T]):
             return item
 
         return decorator
+
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return its item (for plugins and tests that register temporarily)."""
+        if name not in self._items:
+            self.get(name)  # raises UnknownNameError with a suggestion
+        return self._items.pop(name)
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -138,8 +138,14 @@ class MetricsLog:
             self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
     def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+        except OSError as exc:
+            raise TrainingError(
+                f"could not write {self.path}: {exc.strerror or exc} — free space on that disk "
+                "or choose another folder with --out"
+            ) from None
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
@@ -169,6 +175,18 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """save_atomic, with a failed write (full disk, lost mount) as a one-line TrainingError."""
+    try:
+        checkpoint.save_atomic(obj, path)
+    except OSError as exc:
+        kept = "the previous checkpoint is intact" if path.exists() else "no earlier one exists"
+        raise TrainingError(
+            f"could not write checkpoint {path}: {exc.strerror or exc} — free space on that disk "
+            f"or choose another folder with --out (then --resume); {kept}"
+        ) from None
 
 
 def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -208,6 +226,7 @@ def train(
         )
 
     device = resolve_device(cfg.device)
+    check_output_folder(out_dir, 0)  # writable at all? (before the banner and any data loading)
     if on_start is not None:
         on_start(cfg, out_dir)
     torch.manual_seed(cfg.seed)
@@ -281,27 +300,33 @@ def train(
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 # One host sync per step: the price of never letting a NaN into the weights.
-                if not bool(torch.isfinite(loss.detach() + grad_norm)):
+                finite = bool(torch.isfinite(loss.detach() + grad_norm))
+                if finite:
+                    bad_in_a_row = 0
+                    optimizer.step()
+                    schedule.step()
+                    window_steps += 1
+                step += 1
+                if not finite:
+                    # The update is skipped, but the step still reaches the checkpoint,
+                    # validation and signal checks below (the weights are the last good ones).
                     bad_in_a_row += 1
-                    step += 1
                     console.print(
                         f"[yellow]warning:[/] non-finite loss or gradient at step {step}, "
                         f"update skipped ({bad_in_a_row}/{t.max_bad_steps} in a row)"
                     )
                     if bad_in_a_row >= t.max_bad_steps:
-                        raise TrainingError(
-                            f"{bad_in_a_row} non-finite steps in a row at step {step} — lower train.lr, "
-                            f"set train.grad_clip, or check the data; last good checkpoint: {last_path}"
+                        saved = (
+                            f"last good checkpoint: {last_path}"
+                            if last_path.exists()
+                            else "no checkpoint was written yet"
                         )
-                    bar.update(task, completed=step)
-                    continue
-                bad_in_a_row = 0
-                optimizer.step()
-                schedule.step()
-                step += 1
-                window_steps += 1
-
-                if step % t.log_every == 0 or step == t.steps:
+                        raise TrainingError(
+                            f"{bad_in_a_row} non-finite steps in a row at step {step} "
+                            f"(train.max_bad_steps = {t.max_bad_steps}) — lower train.lr, set "
+                            f"train.grad_clip, or check the data; {saved}"
+                        )
+                elif step % t.log_every == 0 or step == t.steps:
                     now = time.perf_counter()
                     rate = window_steps / max(now - window_start, 1e-9)
                     window_start, window_steps = now, 0
@@ -329,14 +354,14 @@ def train(
                     log.images(step, images)
                     if val["score"] < best and math.isfinite(val["score"]):
                         best = val["score"]
-                        checkpoint.save_atomic(state(val["score"]), best_path)
+                        save_checkpoint(state(val["score"]), best_path)
                 if step % t.checkpoint_every == 0 or step == t.steps:
-                    checkpoint.save_atomic(state(), last_path)
+                    save_checkpoint(state(), last_path)
                 if caught:
-                    checkpoint.save_atomic(state(), last_path)
+                    save_checkpoint(state(), last_path)
                     raise Interrupted(caught[0], step, last_path)
             if not best_path.exists():  # no finite validation: keep the final weights as best
-                checkpoint.save_atomic(state(), best_path)
+                save_checkpoint(state(), best_path)
     finally:
         log.close()
     seconds = time.perf_counter() - start_time

@@ -1,7 +1,10 @@
-"""Shared pytest setup: import the package from the checkout and skip CUDA tests without a GPU."""
+"""Shared pytest setup: import the package from the checkout, skip CUDA tests without a GPU, and
+fixtures for the real MNIST files and for running the real ``flowvae`` CLI in a subprocess."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+#: The real MNIST files: $FLOWVAE_TEST_DATA, else the repo root's sibling shared/data/mnist
+#: (the same rule as tests/test_mnist.py).
+MNIST_DIR = Path(os.environ.get("FLOWVAE_TEST_DATA") or ROOT.parent / "shared" / "data" / "mnist")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
@@ -20,3 +27,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root (holds configs/), whatever the current directory is."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder with the four real MNIST .gz files; skips the test when they are absent."""
+    from flowvae.data.mnist import FILES
+
+    missing = [name for name in FILES if not (MNIST_DIR / name).is_file()]
+    if missing:
+        pytest.skip(f"MNIST files not found in {MNIST_DIR}: {', '.join(missing)}")
+    return MNIST_DIR
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.pop("FLOWVAE_DATA", None)
+    env["COLUMNS"] = "200"
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(*args, cwd=..., timeout=...)``: ``python -m flowvae ARGS`` in a subprocess, the
+    CompletedProcess (text) back. Pass ``cwd`` (e.g. tmp_path) so that nothing depends on, or
+    lands in, pytest's current directory."""
+
+    def run(*args: str | Path, cwd: str | Path | None = None, timeout: float = 300):
+        return subprocess.run(
+            [sys.executable, "-m", "flowvae", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=str(cwd) if cwd is not None else None,
+            env=_cli_env(),
+            timeout=timeout,
+        )
+
+    return run

@@ -1,0 +1,215 @@
+"""Config validation: every bad input fails through the real CLI with exit code 2, one line on
+stderr naming the key or value, no traceback and nothing written; load_config's parsing rules."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowvae.config import Config, dump, load_config
+
+ENERGY = "@energy"  # the shipped configs/energy.yaml
+MISSING = "@missing"  # a config path that does not exist
+FOLDER = "@folder"  # a config path that is a folder
+NONE = "@none"  # no --config at all (defaults)
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+
+
+def case(name: str, config: str, args: list[str], fragments: list[str], marks=()):
+    """One bad input: ``config`` is a marker above or the text of a YAML file to write, ``args``
+    the extra CLI arguments, ``fragments`` what the one-line message must contain."""
+    return pytest.param(config, args, fragments, id=name, marks=marks)
+
+
+BAD_INPUTS = [
+    case("missing-file", MISSING, [], ["nope.yaml", "does not exist"]),
+    case("config-is-folder", FOLDER, [], ["is a folder"]),
+    case(
+        "yaml-syntax",
+        "train:\n  lr: [1, 2\n  steps: 3\n",
+        [],
+        ["YAML syntax error", "line", "column"],
+    ),
+    case("top-level-list", "- train\n- flow\n", [], ["must hold a mapping", "list"]),
+    case("unknown-top-key", "trian:\n  steps: 10\n", [], ["'trian'", "did you mean 'train'"]),
+    case(
+        "unknown-nested-key",
+        ENERGY,
+        ["--set", "train.lrr=0.1"],
+        ["'train.lrr'", "did you mean 'train.lr'"],
+    ),
+    case("section-is-scalar", "flow: 3\n", [], ["flow", "must be a section"]),
+    case(
+        "steps-string", ENERGY, ["--set", "train.steps=abc"], ["train.steps", "'abc'", "an integer"]
+    ),
+    case("lr-list", ENERGY, ["--set", "train.lr=[1]"], ["train.lr", "[1]", "wrong type"]),
+    case("k-fraction", ENERGY, ["--set", "flow.k=1.5"], ["flow.k", "1.5", "an integer"]),
+    case("hidden-scalar", ENERGY, ["--set", "model.hidden=400"], ["model.hidden", "400", "a list"]),
+    case("valid-size-bool", ENERGY, ["--set", "data.valid_size=true"], ["data.valid_size", "True"]),
+    case(
+        "compile-string",
+        'train:\n  compile: "yes"\n',
+        [],
+        ["train.compile", "'yes'", "true or false"],
+    ),
+    case("k-negative", ENERGY, ["--set", "flow.k=-1"], ["flow.k", "-1", "out of range", ">= 0"]),
+    case("lr-zero", ENERGY, ["--set", "train.lr=0"], ["train.lr", "out of range", "> 0"]),
+    case(
+        "lr-negative", ENERGY, ["--set", "train.lr=-1e-3"], ["train.lr", "-0.001", "out of range"]
+    ),
+    case("batch-zero", ENERGY, ["--set", "train.batch_size=0"], ["train.batch_size", "> 0"]),
+    case("steps-zero", ENERGY, ["--set", "train.steps=0"], ["train.steps", "out of range"]),
+    case("latent-zero", ENERGY, ["--set", "model.latent_dim=0"], ["model.latent_dim", "> 0"]),
+    case("log-every-zero", ENERGY, ["--set", "train.log_every=0"], ["train.log_every", "> 0"]),
+    case(
+        "max-bad-zero", ENERGY, ["--set", "train.max_bad_steps=0"], ["train.max_bad_steps", "> 0"]
+    ),
+    case(
+        "valid-size-negative",
+        NONE,
+        ["--set", "data.valid_size=-5"],
+        ["data.valid_size", "-5", ">= 0"],
+    ),
+    case("seed-negative", ENERGY, ["--set", "seed=-1"], ["seed", "-1", ">= 0"]),
+    case(
+        "device-gpu", ENERGY, ["--device", "gpu"], ["device", "'gpu'", "choices: auto, cpu, cuda"]
+    ),
+    case(
+        "optimizer-sgd",
+        ENERGY,
+        ["--set", "train.optimizer=sgd"],
+        ["'sgd'", "adam, adamax, rmsprop"],
+    ),
+    case(
+        "binarize", ENERGY, ["--set", "data.binarize=sometimes"], ["'sometimes'", "dynamic, static"]
+    ),
+    case(
+        "experiment",
+        ENERGY,
+        ["--set", "experiment=density2"],
+        ["'density2'", "did you mean 'density'"],
+    ),
+    case(
+        "flow-typo", ENERGY, ["--set", "flow.name=plannar"], ["'plannar'", "did you mean 'planar'"]
+    ),
+    case("target-unknown", ENERGY, ["--set", "target.name=U5"], ["target.name", "'U5'", "U1, U2"]),
+    case(
+        "dataset-typo",
+        ENERGY,
+        ["--set", "experiment=vae", "--set", "data.name=mnistt"],
+        ["data.name", "'mnistt'", "did you mean 'mnist'"],
+    ),
+    case(
+        "flow-option",
+        ENERGY,
+        ["--set", "flow.name=nice", "--set", "flow.options={hiden: [3]}"],
+        ["flow.options.hiden", "'nice'", "did you mean 'hidden'"],
+    ),
+    case("set-without-equals", ENERGY, ["--set", "train.lr"], ["'train.lr'", "key=value"]),
+    case("set-empty-key", ENERGY, ["--set", ".a=1"], ["'.a=1'", "empty key"]),
+    case("set-through-value", ENERGY, ["--set", "train.lr.x=1"], ["train.lr is a value"]),
+    case("cuda-absent", ENERGY, ["--device", "cuda"], ["cuda", "no CUDA device"], marks=no_cuda),
+    case("resume-nothing", ENERGY, ["--resume"], ["--resume", "no checkpoint", "last.pt"]),
+]
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(("config", "args", "fragments"), BAD_INPUTS)
+def test_bad_input_fails_cleanly(tmp_path, repo_root, run_cli, config, args, fragments):
+    cli_args = ["train"]
+    if config == ENERGY:
+        cli_args += ["--config", repo_root / "configs" / "energy.yaml"]
+    elif config == MISSING:
+        cli_args += ["--config", tmp_path / "nope.yaml"]
+    elif config == FOLDER:
+        (tmp_path / "a-folder").mkdir()
+        cli_args += ["--config", tmp_path / "a-folder"]
+    elif config != NONE:
+        (tmp_path / "bad.yaml").write_text(config, encoding="utf-8")
+        cli_args += ["--config", tmp_path / "bad.yaml"]
+    out = tmp_path / "run"
+    before = _files(tmp_path)
+
+    proc = run_cli(*cli_args, *args, "--out", out, "--no-progress", cwd=tmp_path)
+
+    message = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert len(message.splitlines()) == 1, proc.stderr
+    assert message.startswith("error: ") and len(message) > len("error: "), message
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stdout == ""
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not out.exists()
+    assert _files(tmp_path) == before  # nothing written anywhere (no default runs/ folder either)
+
+
+# ----------------------------------------------------------------------------- load_config
+
+
+def test_set_parses_yaml_lists(repo_root):
+    cfg = load_config(repo_root / "configs" / "mnist_quick.yaml", ["model.hidden=[400,400]"])
+    assert cfg.model.hidden == [400, 400]
+    cfg = load_config(None, ["model.hidden=[300]"])
+    assert cfg.model.hidden == [300]
+
+
+def test_set_float_in_exponent_notation_is_a_float():
+    cfg = load_config(None, ["train.lr=1e-3"])
+    assert cfg.train.lr == 0.001
+    assert type(cfg.train.lr) is float
+
+
+def test_yaml_exponent_without_dot_is_accepted(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as the string "1e-3"; the float field accepts it.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  steps: 7\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.001
+    assert type(cfg.train.lr) is float
+    assert cfg.train.steps == 7
+
+
+def test_overrides_apply_in_order_and_win_over_the_file(repo_root):
+    cfg = load_config(
+        repo_root / "configs" / "energy.yaml", ["flow.k=3", "flow.k=5", "target.name=U3"]
+    )
+    assert (cfg.flow.k, cfg.target.name, cfg.flow.name) == (5, "U3", "planar")
+
+
+def test_run_folder_config_round_trips(tmp_path, repo_root):
+    from flowvae.train import train
+
+    cfg = load_config(
+        repo_root / "configs" / "energy.yaml",
+        [
+            "device=cpu",
+            "flow.k=2",
+            "train.steps=2",
+            "train.batch_size=16",
+            "eval.valid_samples=64",
+            "train.lr=3e-3",
+        ],
+    )
+    result = train(cfg, tmp_path / "run", progress=False, tensorboard=False)
+    assert result.step == 2
+    written = tmp_path / "run" / "config.yaml"
+    again = load_config(written)
+    assert again == cfg
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("name", ["energy.yaml", "mnist.yaml", "mnist_quick.yaml"])
+def test_dumped_config_round_trips(tmp_path, repo_root, name):
+    cfg = load_config(repo_root / "configs" / name, ["model.hidden=[16, 8]", "data.root=/x/y"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump(cfg), encoding="utf-8")
+    assert load_config(path) == cfg
+    assert isinstance(load_config(path), Config)
