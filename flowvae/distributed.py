@@ -71,6 +71,15 @@ def mean_across(value: torch.Tensor, shard: Shard) -> torch.Tensor:
     return value / shard.world
 
 
+def agree(loss: torch.Tensor, signalled: bool, shard: Shard) -> tuple[torch.Tensor, bool]:
+    """(mean loss over ranks, whether any rank was signalled) — one small all-reduce."""
+    if shard.world == 1:
+        return loss, signalled
+    packed = torch.stack([loss.float(), torch.tensor(float(signalled), device=loss.device)])
+    dist.all_reduce(packed)
+    return packed[0] / shard.world, bool(packed[1] > 0)
+
+
 def finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

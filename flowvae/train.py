@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from flowvae import __version__, checkpoint
+from flowvae import __version__, checkpoint, distributed
 from flowvae.config import Config, dump, from_dict, to_dict
 from flowvae.device import resolve_device
 from flowvae.errors import ConfigError, TrainingError
@@ -45,13 +45,27 @@ class RunResult:
     seconds: float
 
 
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: Config, params, device: torch.device | None = None
+) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr)
+        # The fused kernel updates every tensor in one pass: on CPU it is 3x cheaper than the
+        # per-tensor loop for the VAE, and 10x for a density flow's many tiny parameters.
+        return torch.optim.Adam(params, lr=t.lr, fused=True)
     if t.optimizer == "adamax":
         return torch.optim.Adamax(params, lr=t.lr, eps=1e-7)
     return torch.optim.RMSprop(params, lr=t.lr, momentum=t.momentum)
+
+
+def gradient_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """Total gradient norm, clipping to ``clip`` when set (without it, no gradient is rescaled)."""
+    if clip is not None:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
 
 
 def make_schedule(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -226,8 +240,11 @@ def train(
         )
 
     device = resolve_device(cfg.device)
-    check_output_folder(out_dir, 0)  # writable at all? (before the banner and any data loading)
-    if on_start is not None:
+    shard, device = distributed.init(device, cfg.train.batch_size)
+    main = shard.is_main  # only rank 0 writes files, logs and progress
+    if main:
+        check_output_folder(out_dir, 0)  # writable at all? (before the banner and data loading)
+    if on_start is not None and main:
         on_start(cfg, out_dir)
     torch.manual_seed(cfg.seed)
     experiment = build_experiment(cfg, device)
@@ -235,9 +252,10 @@ def train(
         # 2-D problems are a few hundred tiny ops per step: threads only add sync overhead.
         torch.set_num_threads(1)
     model = experiment.model
-    check_output_folder(out_dir, estimate_checkpoint_bytes(model))
+    if main:
+        check_output_folder(out_dir, estimate_checkpoint_bytes(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, device)
     schedule = make_schedule(cfg, optimizer)
 
     step, best, elapsed_before = 0, math.inf, 0.0
@@ -248,8 +266,16 @@ def train(
         schedule.load_state_dict(resume_state["schedule"])
         step, best = int(resume_state["step"]), float(resume_state["best_score"])
         set_rng_state(resume_state["rng"], device)
-        truncate_metrics(out_dir / "metrics.jsonl", step)
-    (out_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+        if main:
+            truncate_metrics(out_dir / "metrics.jsonl", step)
+    if main:
+        (out_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+    if shard.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        experiment.forward_model = DistributedDataParallel(model, device_ids=ids)
+        experiment.shard = shard
 
     train_step = _compiled_step(experiment, cfg) if cfg.train.compile else None
 
@@ -267,9 +293,9 @@ def train(
             experiment=experiment.summary(),
         )
 
-    log = MetricsLog(out_dir, tensorboard=tensorboard)
+    log = MetricsLog(out_dir, tensorboard=tensorboard) if main else None
     t = cfg.train
-    clip = t.grad_clip if t.grad_clip > 0 else math.inf
+    clip = t.grad_clip if t.grad_clip > 0 else None
     bad_in_a_row = 0
     last_metrics: dict[str, float] = {}
     start_time = time.perf_counter()
@@ -283,7 +309,7 @@ def train(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not progress,
+        disable=not (progress and main),
         transient=False,
     )
     try:
@@ -298,9 +324,12 @@ def train(
                     loss, metrics = experiment.train_loss(step, beta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                grad_norm = gradient_norm(params, clip)
+                # Ranks agree on the mean loss and on whether anyone was signalled, so they skip,
+                # stop and save together.
+                loss_all, stop_all = distributed.agree(loss.detach(), bool(caught), shard)
                 # One host sync per step: the price of never letting a NaN into the weights.
-                finite = bool(torch.isfinite(loss.detach() + grad_norm))
+                finite = bool(torch.isfinite(loss_all + grad_norm))
                 if finite:
                     bad_in_a_row = 0
                     optimizer.step()
@@ -311,10 +340,11 @@ def train(
                     # The update is skipped, but the step still reaches the checkpoint,
                     # validation and signal checks below (the weights are the last good ones).
                     bad_in_a_row += 1
-                    console.print(
-                        f"[yellow]warning:[/] non-finite loss or gradient at step {step}, "
-                        f"update skipped ({bad_in_a_row}/{t.max_bad_steps} in a row)"
-                    )
+                    if main:
+                        console.print(
+                            f"[yellow]warning:[/] non-finite loss or gradient at step {step}, "
+                            f"update skipped ({bad_in_a_row}/{t.max_bad_steps} in a row)"
+                        )
                     if bad_in_a_row >= t.max_bad_steps:
                         saved = (
                             f"last good checkpoint: {last_path}"
@@ -326,12 +356,12 @@ def train(
                             f"(train.max_bad_steps = {t.max_bad_steps}) — lower train.lr, set "
                             f"train.grad_clip, or check the data; {saved}"
                         )
-                elif step % t.log_every == 0 or step == t.steps:
+                elif main and (step % t.log_every == 0 or step == t.steps):
                     now = time.perf_counter()
                     rate = window_steps / max(now - window_start, 1e-9)
                     window_start, window_steps = now, 0
                     last_metrics = {
-                        "loss": float(loss.detach()),
+                        "loss": float(loss_all),
                         "beta": beta,
                         "lr": optimizer.param_groups[0]["lr"],
                         "grad_norm": float(grad_norm),
@@ -345,7 +375,7 @@ def train(
                     )
                 bar.update(task, completed=step)
 
-                if step % t.eval_every == 0 or step == t.steps:
+                if main and (step % t.eval_every == 0 or step == t.steps):
                     model.eval()
                     with held_out_rng(cfg.seed, device):
                         val = experiment.validate()
@@ -355,17 +385,21 @@ def train(
                     if val["score"] < best and math.isfinite(val["score"]):
                         best = val["score"]
                         save_checkpoint(state(val["score"]), best_path)
-                if step % t.checkpoint_every == 0 or step == t.steps:
+                if main and (step % t.checkpoint_every == 0 or step == t.steps):
                     save_checkpoint(state(), last_path)
-                if caught:
-                    save_checkpoint(state(), last_path)
-                    raise Interrupted(caught[0], step, last_path)
-            if not best_path.exists():  # no finite validation: keep the final weights as best
+                if stop_all:
+                    if main:
+                        save_checkpoint(state(), last_path)
+                    raise Interrupted(caught[0] if caught else signal.SIGTERM, step, last_path)
+            if main and not best_path.exists():  # no finite validation: keep the final weights
                 save_checkpoint(state(), best_path)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+        distributed.finish()
     seconds = time.perf_counter() - start_time
-    write_run_info(out_dir, cfg, device, step, elapsed_before + seconds)
+    if main:
+        write_run_info(out_dir, cfg, device, step, elapsed_before + seconds)
     return RunResult(out_dir, step, best, last_metrics, seconds)
 
 

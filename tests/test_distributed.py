@@ -1,0 +1,106 @@
+"""DistributedDataParallel on the CPU (gloo): 2 processes match 1 process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = [
+    "--config", str(REPO / "configs" / "energy.yaml"),
+    "--set", "flow.k=4",
+    "--set", "train.batch_size=64",
+    "--set", "train.log_every=1",
+    "--set", "train.lr_schedule=constant",
+    "--set", "eval.valid_samples=500",
+    "--set", "train.eval_every=10",
+    "--set", "train.checkpoint_every=10",
+    "--no-progress",
+]  # fmt: skip
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def _train(out: Path, steps: int, procs: int = 1, resume: bool = False) -> None:
+    args = ["-m", "flowvae", "train", *COMMON, "--set", f"train.steps={steps}", "--out", str(out)]
+    if resume:
+        args.append("--resume")
+    if procs > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+        args = launcher + args
+    done = subprocess.run(
+        [sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["split"] == "train"]
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "single"
+    _train(out, 20)
+    return out
+
+
+def test_two_processes_match_one_process(single, tmp_path):
+    _train(tmp_path / "ddp", 20, procs=2)
+    a, b = _losses(single), _losses(tmp_path / "ddp")
+    assert len(a) == len(b) == 20
+    # Same global batch and noise on both sides; only the order of float additions differs
+    # (two half-batch means averaged by all-reduce), so agreement is to float32 rounding.
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (step, x, y)
+    wa, wb = _weights(single), _weights(tmp_path / "ddp")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_a_different_number_of_processes(single, tmp_path):
+    out = tmp_path / "mixed"
+    _train(out, 10, procs=2)
+    _train(out, 20, procs=1, resume=True)
+    wa, wb = _weights(single), _weights(out)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
+    args = [
+        "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+        "-m", "flowvae", "train", *COMMON, "--set", "train.batch_size=63", "--set", "train.steps=2",
+        "--out", str(tmp_path / "odd"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    # Each rank prints the one-line error; torchrun then adds its own report of failed children.
+    assert "error: train.batch_size = 63 is not divisible by the 2 processes" in done.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_run(tmp_path):
+    args = ["-m", "flowvae", "train", *COMMON, "--set", "train.steps=20", "--device", "cuda"]
+    done = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "cuda")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "cuda").values())
