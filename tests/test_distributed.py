@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,21 @@ COMMON = [
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    """Run in a new session and kill the whole group on timeout, so no rank is left behind."""
+    proc = subprocess.Popen(
+        [sys.executable, *args], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _train(out: Path, steps: int, procs: int = 1, resume: bool = False) -> None:
