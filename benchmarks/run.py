@@ -7,7 +7,7 @@ on both alike; the per-unit time of each block is recorded and the median is rep
 range over blocks. Items:
 
 1. VAE training step on MNIST for each K (--ks): flowvae's loop body from flowvae.train.train
-   (train_loss, zero_grad, backward, clip_grad_norm_, the finiteness sync, optimizer.step,
+   (train_loss, zero_grad, backward, gradient_norm, the finiteness sync, optimizer.step,
    schedule.step), replicated here line by line, against ``baseline.make_baseline_step``.
 2. Importance-sampled -log p(x) for planar K=10 at S samples (--iw-samples): the code of
    flowvae.runs.evaluate_vae (importance_nll on chunks of max_rows // S images under
@@ -52,7 +52,8 @@ import torch  # noqa: E402
 
 from flowvae.config import load_config  # noqa: E402
 from flowvae.experiment import anneal_beta, build_experiment  # noqa: E402
-from flowvae.train import make_optimizer, make_schedule  # noqa: E402
+from flowvae import distributed  # noqa: E402
+from flowvae.train import gradient_norm, make_optimizer, make_schedule  # noqa: E402
 from flowvae.vae import importance_nll  # noqa: E402
 
 IW_K = 10  # planar depth of the evaluation benchmark
@@ -168,10 +169,10 @@ def flowvae_training(cfg, device: torch.device):
     experiment = build_experiment(cfg, device)
     model = experiment.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, device)
     schedule = make_schedule(cfg, optimizer)
     t = cfg.train
-    clip = t.grad_clip if t.grad_clip > 0 else math.inf
+    clip = t.grad_clip if t.grad_clip > 0 else None
     state = {"step": 0, "skipped": 0, "last": None}
 
     def step():
@@ -180,9 +181,10 @@ def flowvae_training(cfg, device: torch.device):
         loss, metrics = experiment.train_loss(state["step"], beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = gradient_norm(params, clip)
+        loss_all, _ = distributed.agree(loss.detach(), False, distributed.SINGLE)
         # One host sync per step: the price of never letting a NaN into the weights.
-        finite = bool(torch.isfinite(loss.detach() + grad_norm))
+        finite = bool(torch.isfinite(loss_all + grad_norm))
         if finite:
             optimizer.step()
             schedule.step()
