@@ -32,7 +32,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -50,9 +49,9 @@ if str(HERE) not in sys.path:
 import baseline as bl  # noqa: E402
 import torch  # noqa: E402
 
+from flowvae import distributed  # noqa: E402
 from flowvae.config import load_config  # noqa: E402
 from flowvae.experiment import anneal_beta, build_experiment  # noqa: E402
-from flowvae import distributed  # noqa: E402
 from flowvae.train import gradient_norm, make_optimizer, make_schedule  # noqa: E402
 from flowvae.vae import importance_nll  # noqa: E402
 
