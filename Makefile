@@ -3,7 +3,7 @@ PYTHON ?= python
 FLOWVAE ?= $(PYTHON) -m flowvae
 RUN ?= runs/energy-U1-planar-k32
 
-.PHONY: setup install train test test-fast lint format bench figure3 mnist-quick
+.PHONY: setup install train test test-fast lint format bench figure3 mnist-quick mnist-results
 
 setup: install train
 
@@ -40,3 +40,17 @@ bench:
 
 mnist-quick:
 	$(FLOWVAE) train --config configs/mnist_quick.yaml
+
+# The paper's Figure 3 from scratch: 36 density fits, their KL table and one picture.
+FIG3_OUT ?= runs/figure3
+figure3:
+	$(FLOWVAE) sweep --config configs/energy.yaml --grid target.name=U1,U2,U3,U4 \
+		--grid flow.name=planar,radial,nice --grid flow.k=2,8,32 --out $(FIG3_OUT) --no-progress
+	$(FLOWVAE) report $(FIG3_OUT) --out docs/figure3.md --figure docs/figure3.png
+
+# MNIST at the documented budget (docs/results.md): planar K in {0, 10, 40} and NICE K = 10.
+MNIST_OUT ?= runs/mnist-results
+mnist-results:
+	$(FLOWVAE) sweep --config configs/mnist_quick.yaml --grid flow.k=0,10,40 --out $(MNIST_OUT)/planar --no-progress
+	$(FLOWVAE) sweep --config configs/mnist_quick.yaml --set flow.name=nice --grid flow.k=10 --out $(MNIST_OUT)/nice --no-progress
+	$(FLOWVAE) report $(MNIST_OUT) --out docs/results-mnist.md --plot docs/nll_vs_k.png
