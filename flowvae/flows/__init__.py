@@ -38,13 +38,13 @@ from flowvae.flows.sylvester import (
 from flowvae.registry import suggest
 
 __all__ = [
-    "FLOWS",
-    "IAF",
-    "NICE",
     "AffineCoupling",
+    "FLOWS",
     "Flow",
     "FlowStack",
     "Householder",
+    "IAF",
+    "NICE",
     "Planar",
     "Radial",
     "Sylvester",

@@ -25,6 +25,9 @@ class Flow(nn.Module):
 
     #: True for families whose inverse is exact (analytic), False for a numerical root.
     exact_inverse: bool = True
+    #: True when det ∂f/∂z > 0 everywhere; a family that may flip orientation (a reflection)
+    #: says so with False, and then only |det| is defined by ``log_abs_det``.
+    orientation_preserving: bool = True
 
     def __init__(self, dim: int, *, amortized: bool = False, index: int = 0) -> None:
         super().__init__()

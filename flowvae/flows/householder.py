@@ -35,6 +35,9 @@ def reflect(z: Tensor, v: Tensor) -> Tensor:
 class Householder(Flow):
     """One Householder reflection: volume preserving and its own inverse."""
 
+    #: det = -1 (a reflection), or +1 for the v = 0 identity
+    orientation_preserving = False
+
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"v": (self.dim,)}
 

@@ -3,14 +3,19 @@
     f(z) = z + β h(α, r) (z - z0),   h = 1 / (α + r),   r = ‖z - z0‖
     log|det ∂f/∂z| = (D - 1) log(1 + βh) + log(1 + βh + βh'r),   h' = -h²
 
-with α = softplus(α'), β = -α + softplus(β') + SLACK so that β > -α (invertible). Writing
-s = softplus(β') + SLACK = α + β > 0, both factors take a form free of cancellation:
+with α = softplus(α') + SLACK, β = -α + softplus(β') + SLACK so that β > -α (invertible).
+Writing s = softplus(β') + SLACK = α + β > 0, both factors take a form free of cancellation:
 
     1 + βh         = (r + s) / (α + r)
     1 + βh + βh'r  = (r² + 2αr + αs) / (α + r)²
 
 which is what :func:`radial_forward` evaluates. The inverse is a scalar root in r: ‖y - z0‖ =
 r (r + s) / (α + r) is a quadratic in r with one positive root, taken in its stable form.
+
+Near z0 the map scales distances by (r + s) / (α + r) ≈ s / α. With α = softplus(α') alone,
+α' = -50 gives α ≈ 2e-22: the ball r < α (narrower than the float spacing around z0) is blown up
+to the ball ‖y - z0‖ < s, so every y there has a preimage that rounds to z0 and f(f⁻¹(y)) ≠ y.
+The floor α >= SLACK bounds that magnification by s / SLACK.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ SLACK = 1e-6
 
 
 def radial_constants(alpha_raw: Tensor, beta_raw: Tensor) -> tuple[Tensor, Tensor]:
-    """(α, s) with α = softplus(α') > 0 and s = α + β = softplus(β') + SLACK > 0, shape (B|1,)."""
-    return F.softplus(alpha_raw[:, 0]), F.softplus(beta_raw[:, 0]) + SLACK
+    """(α, s) with α = softplus(α') + SLACK > 0 and s = α + β = softplus(β') + SLACK > 0, (B|1,)."""
+    return F.softplus(alpha_raw[:, 0]) + SLACK, F.softplus(beta_raw[:, 0]) + SLACK
 
 
 def radial_beta(alpha_raw: Tensor, beta_raw: Tensor) -> Tensor:
