@@ -20,6 +20,10 @@ if str(ROOT) not in sys.path:
 MNIST_DIR = Path(os.environ.get("FLOWVAE_TEST_DATA") or ROOT.parent / "shared" / "data" / "mnist")
 
 
+# The tests' tensors are small: on a 2-core machine, intra-op threads only add contention.
+torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
