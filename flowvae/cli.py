@@ -351,7 +351,7 @@ def report(
             "no evaluated runs found (folders with eval.json) — run `flowvae sweep` or `flowvae eval --json > RUN/eval.json` first"
         )
     if out_file is None:
-        out.print(text, markup=False, highlight=False)
+        sys.stdout.write(text + "\n")
     else:
         err.print(f"wrote {out_file}", highlight=False)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowvae.flows.planar import SLACK, Planar, planar_forward
+from flowvae.flows.planar import IDENTITY_SHIFT, SLACK, Planar, planar_forward
 from flowvae.flows.planar_fused import planar_forward_fused
 
 
@@ -17,7 +17,8 @@ def _params(batch: int, dim: int, scale: float, gen: torch.Generator):
 @pytest.mark.parametrize("scaled", [True, False])
 @pytest.mark.parametrize("batch_params", [1, 6], ids=["global", "amortised"])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])
-def test_fused_matches_reference_values_and_gradients(scaled, batch_params, scale):
+@pytest.mark.parametrize("shift", [0.0, IDENTITY_SHIFT])
+def test_fused_matches_reference_values_and_gradients(scaled, batch_params, scale, shift):
     gen = torch.Generator().manual_seed(7)
     dim = 5
     z = torch.randn(6, dim, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -30,8 +31,8 @@ def test_fused_matches_reference_values_and_gradients(scaled, batch_params, scal
         grads = torch.autograd.grad((y * gy).sum() + (ld * gld).sum(), (z, u, w, b))
         return y, ld, grads
 
-    ref = run(lambda *a: planar_forward(*a, scaled_offset=scaled))
-    fused = run(lambda *a: planar_forward_fused(*a, scaled, SLACK))
+    ref = run(lambda *a: planar_forward(*a, scaled_offset=scaled, shift=shift))
+    fused = run(lambda *a: planar_forward_fused(*a, scaled, SLACK, shift))
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-12, atol=1e-12)
     for g_fused, g_ref in zip(fused[2], ref[2], strict=True):

@@ -21,6 +21,8 @@ a + m·tanh(a) = wᵀy + b (strictly increasing in a) with safeguarded Newton st
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,19 +34,22 @@ from flowvae.flows.registry import FLOWS
 #: Margin that keeps wᵀû >= -1 + SLACK (and so |det J| >= SLACK) in finite precision.
 SLACK = 1e-3
 
+#: log(e - 1): the shift of softplus's argument that makes m(0) = 0 (option identity_init).
+IDENTITY_SHIFT = math.log(math.e - 1.0)
+
 #: Use the single-node autograd Function (planar_fused.py); False selects the reference ops.
 FUSED = True
 
 
-def planar_slack(u: Tensor, w: Tensor) -> Tensor:
-    """s = 1 + wᵀû = softplus(wᵀu) + SLACK > 0, shape (B,)."""
-    return F.softplus(batch_dot(w, u)) + SLACK
+def planar_slack(u: Tensor, w: Tensor, shift: float = 0.0) -> Tensor:
+    """s = 1 + wᵀû = softplus(wᵀu + shift) + SLACK > 0, shape (B,)."""
+    return F.softplus(batch_dot(w, u) + shift) + SLACK
 
 
-def planar_uhat(u: Tensor, w: Tensor) -> Tensor:
+def planar_uhat(u: Tensor, w: Tensor, shift: float = 0.0) -> Tensor:
     """The invertibility-constrained û with wᵀû = -1 + softplus(wᵀu) + SLACK."""
     wu = batch_dot(w, u)
-    m = planar_slack(u, w) - 1.0
+    m = planar_slack(u, w, shift) - 1.0
     w_sq = batch_dot(w, w).clamp_min(torch.finfo(w.dtype).tiny)
     return u + ((m - wu) / w_sq).unsqueeze(-1) * w
 
@@ -58,12 +63,12 @@ def planar_preactivation(z: Tensor, w: Tensor, b: Tensor, scaled_offset: bool = 
 
 
 def planar_forward(
-    z: Tensor, u: Tensor, w: Tensor, b: Tensor, scaled_offset: bool = True
+    z: Tensor, u: Tensor, w: Tensor, b: Tensor, scaled_offset: bool = True, shift: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """f(z) and log|det ∂f/∂z| for u, w of shape (B|1, D) and b̃ of shape (B|1, 1)."""
-    u_hat = planar_uhat(u, w)
+    u_hat = planar_uhat(u, w, shift)
     t = torch.tanh(planar_preactivation(z, w, b, scaled_offset))
-    s = planar_slack(u, w)
+    s = planar_slack(u, w, shift)
     z_next = z + u_hat * t.unsqueeze(-1)
     t_sq = t * t
     log_det = torch.log(t_sq + s * (1.0 - t_sq))
@@ -71,11 +76,17 @@ def planar_forward(
 
 
 def planar_inverse(
-    y: Tensor, u: Tensor, w: Tensor, b: Tensor, scaled_offset: bool = True, iterations: int = 200
+    y: Tensor,
+    u: Tensor,
+    w: Tensor,
+    b: Tensor,
+    scaled_offset: bool = True,
+    shift: float = 0.0,
+    iterations: int = 200,
 ) -> Tensor:
     """z with f(z) = y: solve a + m tanh(a) = wᵀy + ‖w‖b̃, then z = y - û tanh(a)."""
-    u_hat = planar_uhat(u, w)
-    m = (planar_slack(u, w) - 1.0).expand(y.shape[0])
+    u_hat = planar_uhat(u, w, shift)
+    m = (planar_slack(u, w, shift) - 1.0).expand(y.shape[0])
     c = planar_preactivation(y, w, b, scaled_offset)
     with torch.no_grad():
         c_, m_ = c.detach(), m.detach()
@@ -104,12 +115,22 @@ class Planar(Flow):
     exact_inverse = False
 
     def __init__(
-        self, dim: int, *, amortized: bool = False, index: int = 0, offset: str = "scaled"
+        self,
+        dim: int,
+        *,
+        amortized: bool = False,
+        index: int = 0,
+        offset: str = "scaled",
+        identity_init: bool = False,
     ) -> None:
         if offset not in ("scaled", "free"):
             raise ValueError(f"planar offset must be 'scaled' or 'free', got {offset!r}")
         # "free" is the paper's raw b, kept to reproduce the amortised instability it causes.
         self.scaled_offset = offset == "scaled"
+        # m(x) = -1 + softplus(x + log(e - 1)) has m(0) = 0: a layer with small u, w is then
+        # close to the identity, instead of contracting z by 1 + m(0) = log 2 along w (which
+        # compounds to 0.69^K at initialisation in a deep amortised stack).
+        self.shift = IDENTITY_SHIFT if identity_init else 0.0
         super().__init__(dim, amortized=amortized, index=index)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -122,11 +143,11 @@ class Planar(Flow):
 
     def transform(self, z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         if FUSED:
-            return planar_forward_fused(z, u, w, b, self.scaled_offset, SLACK)
-        return planar_forward(z, u, w, b, self.scaled_offset)
+            return planar_forward_fused(z, u, w, b, self.scaled_offset, SLACK, self.shift)
+        return planar_forward(z, u, w, b, self.scaled_offset, self.shift)
 
     def inverse_transform(self, y: Tensor, u: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return planar_inverse(y, u, w, b, self.scaled_offset)
+        return planar_inverse(y, u, w, b, self.scaled_offset, self.shift)
 
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:

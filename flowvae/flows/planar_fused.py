@@ -19,9 +19,11 @@ from torch.autograd.function import once_differentiable
 
 class PlanarFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, u: Tensor, w: Tensor, b: Tensor, scaled: bool, slack: float):
+    def forward(
+        ctx, z: Tensor, u: Tensor, w: Tensor, b: Tensor, scaled: bool, slack: float, shift: float
+    ):
         wu = (w * u).sum(-1, keepdim=True)
-        s = F.softplus(wu) + slack
+        s = F.softplus(wu + shift) + slack
         wsq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         c = (s - 1.0 - wu) / wsq
         u_hat = torch.addcmul(u, c, w)
@@ -32,7 +34,7 @@ class PlanarFunction(torch.autograd.Function):
         h = 1.0 - t * t
         dn = torch.addcmul(t * t, s, h)
         y = torch.addcmul(z, u_hat, t)
-        ctx.scaled = scaled
+        ctx.scaled, ctx.shift = scaled, shift
         ctx.save_for_backward(z, u, w, b, wu, s, wsq, c, u_hat, t, h, dn, n if scaled else wsq)
         return y, torch.log(dn).squeeze(-1).expand(z.shape[0])
 
@@ -49,7 +51,7 @@ class PlanarFunction(torch.autograd.Function):
         g_uhat = g_y * t
         g_c = (g_uhat * w).sum(-1, keepdim=True)
         g_s = g_ld_dn * h + g_c / wsq
-        g_wu = g_s * torch.sigmoid(wu) - g_c / wsq
+        g_wu = g_s * torch.sigmoid(wu + ctx.shift) - g_c / wsq
         g_wsq = -g_c * c / wsq
         if ctx.scaled:
             g_b = g_a * n
@@ -65,10 +67,17 @@ class PlanarFunction(torch.autograd.Function):
             g_b.sum_to_size(b.shape),
             None,
             None,
+            None,
         )
 
 
 def planar_forward_fused(
-    z: Tensor, u: Tensor, w: Tensor, b: Tensor, scaled_offset: bool, slack: float
+    z: Tensor,
+    u: Tensor,
+    w: Tensor,
+    b: Tensor,
+    scaled_offset: bool,
+    slack: float,
+    shift: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    return PlanarFunction.apply(z, u, w, b, scaled_offset, slack)
+    return PlanarFunction.apply(z, u, w, b, scaled_offset, slack, shift)
