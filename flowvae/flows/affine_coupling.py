@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowvae.flows.base import context_stress_params
 from flowvae.flows.nice import Coupling
 from flowvae.flows.registry import FLOWS
 
@@ -63,9 +64,4 @@ class AffineCoupling(Coupling):
 
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        return [
-            1e3 * torch.randn(batch, dim, generator=gen, dtype=dtype),
-            torch.full((batch, dim), 50.0, dtype=dtype),
-            torch.full((batch, dim), -50.0, dtype=dtype),
-        ]
+        return context_stress_params(dim, batch, dtype)

@@ -119,6 +119,17 @@ class Flow(nn.Module):
         ]
 
 
+def context_stress_params(width: int, batch: int, dtype: torch.dtype) -> list[Tensor]:
+    """Hard per-example context vectors for flows whose amortised input is a context:
+    huge random values and saturating constants of both signs."""
+    gen = torch.Generator().manual_seed(0)
+    return [
+        1e3 * torch.randn(batch, width, generator=gen, dtype=dtype),
+        torch.full((batch, width), 50.0, dtype=dtype),
+        torch.full((batch, width), -50.0, dtype=dtype),
+    ]
+
+
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise inner product over the last axis, broadcasting the batch axis."""
     return (a * b).sum(-1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowvae.flows.base import Flow
+from flowvae.flows.base import Flow, context_stress_params
 from flowvae.flows.registry import FLOWS
 
 #: σ >= sigmoid(-3) ≈ 0.047, each coordinate contracts by at most ~e^-3 per layer. The inverse
@@ -134,9 +134,4 @@ class IAF(Flow):
 
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        return [
-            1e3 * torch.randn(batch, dim, generator=gen, dtype=dtype),
-            torch.full((batch, dim), 50.0, dtype=dtype),
-            torch.full((batch, dim), -50.0, dtype=dtype),
-        ]
+        return context_stress_params(dim, batch, dtype)

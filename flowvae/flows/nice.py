@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowvae.flows.base import Flow
+from flowvae.flows.base import Flow, context_stress_params
 from flowvae.flows.registry import FLOWS
 
 
@@ -79,8 +79,7 @@ class Coupling(Flow):
 
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        return [1e3 * torch.randn(batch, dim, generator=gen, dtype=dtype)]
+        return context_stress_params(dim, batch, dtype)
 
 
 @FLOWS.register("nice")
