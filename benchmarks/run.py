@@ -52,11 +52,11 @@ import torch  # noqa: E402
 from flowvae import distributed  # noqa: E402
 from flowvae.config import load_config  # noqa: E402
 from flowvae.experiment import anneal_beta, build_experiment  # noqa: E402
+from flowvae.runs import MAX_ROWS  # noqa: E402
 from flowvae.train import gradient_norm, make_optimizer, make_schedule  # noqa: E402
 from flowvae.vae import importance_nll  # noqa: E402
 
 IW_K = 10  # planar depth of the evaluation benchmark
-IW_MAX_ROWS = 20000  # flowvae.runs.evaluate_vae's default
 DENSITY_K, DENSITY_BATCH = 32, 512
 
 
@@ -94,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=None, help="timed blocks per implementation")
     p.add_argument("--iw-images", type=int, default=1000, help="test images cycled through")
+    p.add_argument(
+        "--eval-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU threads for the whole-test-set evaluation (default: all cores)",
+    )
+    p.add_argument("--no-full-eval", action="store_true", help="skip the whole-test-set eval")
     p.add_argument("--data-root", default=default_data_root(), help="folder with MNIST IDX files")
     p.add_argument("--out", default=str(HERE / "results.md"), help=".md or .json")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -210,16 +217,22 @@ def baseline_training(step):
     return run
 
 
+def iw_max_rows(device: torch.device) -> int:
+    """Decoder rows per pass, as flowvae.runs.evaluate_vae chooses them on this device."""
+    return MAX_ROWS.get(device.type, MAX_ROWS["cpu"])
+
+
 def flowvae_iw(model, test, samples: int):
     """One chunk of flowvae.runs.evaluate_vae: (step, images per step)."""
-    per_chunk = min(max(1, IW_MAX_ROWS // samples), test.shape[0])
+    max_rows = iw_max_rows(test.device)
+    per_chunk = min(max(1, max_rows // samples), test.shape[0])
     cursor = [0]
 
     def step():
         lo = cursor[0]
         cursor[0] = (lo + per_chunk) % max(1, test.shape[0] - per_chunk + 1)
         with torch.inference_mode():
-            a, b = importance_nll(model, test[lo : lo + per_chunk], samples, IW_MAX_ROWS)
+            a, b = importance_nll(model, test[lo : lo + per_chunk], samples, max_rows)
             a.double().cpu()
             b.double().cpu()
 
@@ -329,7 +342,7 @@ def probe_fn(spec: dict, args, device: torch.device):
     torch.manual_seed(args.seed)
     if item == "vae":
         return bl.make_baseline_step(k, data.train)
-    per_chunk = min(max(1, IW_MAX_ROWS // spec["samples"]), data.test.shape[0])
+    per_chunk = min(max(1, iw_max_rows(device) // spec["samples"]), data.test.shape[0])
     model = bl.BaselineVAE(k).to(device).eval()
     return baseline_iw(model, data.test, spec["samples"], per_chunk)
 
@@ -508,6 +521,39 @@ def bench_iw(args, device, sync) -> list[dict]:
     return rows
 
 
+def bench_iw_full(args, device, sync) -> dict:
+    """Wall time of flowvae.runs.evaluate_vae on the whole test set (planar K=IW_K, S = the
+    first --iw-samples value) with --eval-threads threads, as `flowvae eval` runs it."""
+    from flowvae.runs import LoadedRun, evaluate_vae
+
+    samples = args.iw_samples[0]
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(args.eval_threads)
+    try:
+        cfg = vae_config(IW_K, args, device)
+        experiment, _ = flowvae_training(cfg, device)
+        run = LoadedRun(cfg, experiment, {"step": 0}, device)
+        images = experiment.data.test.shape[0] if not args.quick else 200
+        log(f"[iw full] {images} test images, S={samples}, {torch.get_num_threads()} thread(s)")
+        sync()
+        t0 = time.perf_counter()
+        result = evaluate_vae(run, samples, limit=images)
+        sync()
+        seconds = time.perf_counter() - t0
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    log(f"[iw full] {seconds:.1f} s")
+    return {
+        "samples": samples,
+        "images": images,
+        "threads": used,
+        "seconds": seconds,
+        "nll": result["nll"],
+    }
+
+
 def bench_density(args, device, sync, notes: list[str]) -> dict:
     log(f"[density K={DENSITY_K}] building")
     threads = torch.get_num_threads()
@@ -635,6 +681,15 @@ def markdown(results: dict) -> str:
             f"| {mib(mem, 'flowvae', item='iw', samples=row['samples'])} "
             f"| {mib(mem, 'baseline', item='iw', samples=row['samples'])} |"
         )
+    full = results.get("iw_full")
+    if full:
+        lines += [
+            "",
+            f"Whole test split with `flowvae.runs.evaluate_vae` (planar K={IW_K}, untrained "
+            f"weights): {full['images']:,} images at S = {full['samples']} in "
+            f"**{full['seconds']:.1f} s** on {full['threads']} thread(s) "
+            f"({full['images'] / full['seconds']:.0f} images/s).",
+        ]
     d = results["density"]
     lines += [
         "",
@@ -688,6 +743,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     results["vae"] = bench_vae(args, device, sync, results["notes"])
     results["iw"] = bench_iw(args, device, sync)
+    results["iw_full"] = None if args.no_full_eval else bench_iw_full(args, device, sync)
     results["density"] = bench_density(args, device, sync, results["notes"])
     results["memory"] = [] if args.no_memory else bench_memory(args)
     if args.quick and not args.no_memory:

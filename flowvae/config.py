@@ -75,6 +75,12 @@ class ModelConfig:
     )
     maxout_window: int = opt(4, gt=0, doc="pieces per maxout unit")
     latent_dim: int = opt(40, gt=0, doc="latent dimension D of the VAE")
+    precision: str = opt(
+        "float32",
+        choices=("float32", "bf16"),
+        doc="VAE encoder/decoder arithmetic: float32, or bf16 autocast (flows, log-dets and "
+        "densities stay float32); bf16 pays on GPUs, not on most CPUs",
+    )
 
 
 @dataclass

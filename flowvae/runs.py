@@ -13,6 +13,7 @@ import torch
 from flowvae import checkpoint
 from flowvae.config import Config, from_dict
 from flowvae.device import resolve_device
+from flowvae.distributed import SINGLE, Shard, gather_results
 from flowvae.errors import CheckpointError
 from flowvae.experiment import build_experiment
 
@@ -68,16 +69,33 @@ def evaluate_density(run: LoadedRun, samples: int, seed: int = 0) -> dict[str, A
     }
 
 
+#: Decoder rows per importance-sampling pass. On CPU, passes of a few thousand rows are as fast as
+#: larger ones and avoid fresh page-faulting allocations of tens of MB per layer (measured in
+#: docs/benchmarks.md); on a GPU larger passes keep the device busy.
+MAX_ROWS = {"cpu": 4000, "cuda": 65536}
+
+
+def chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
+    """The noise stream of one evaluation chunk: fixed by (seed, chunk index) alone, so the
+    result does not depend on how chunks are spread over processes."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + chunk)
+
+
 def evaluate_vae(
     run: LoadedRun,
     iw_samples: int,
     split: str = "test",
     limit: int | None = None,
     seed: int = 0,
-    max_rows: int = 4000,
+    max_rows: int | None = None,
     progress=None,
+    shard: Shard = SINGLE,
 ) -> dict[str, Any]:
-    """-ELBO and importance-sampled -log p(x) with exactly ``iw_samples`` samples per image."""
+    """-ELBO and importance-sampled -log p(x) with exactly ``iw_samples`` samples per image.
+
+    Images are taken in chunks; under torchrun each process evaluates every ``world``-th chunk
+    and rank 0 gathers the per-image results, which equal a single process's exactly.
+    """
     from flowvae.vae import importance_nll
 
     data = getattr(run.experiment.data, split)
@@ -87,19 +105,25 @@ def evaluate_vae(
         raise CheckpointError(
             f"the {split} split is empty (data.valid_size = 0?) — use --split test"
         )
-    torch.manual_seed(seed)
+    if max_rows is None:
+        max_rows = MAX_ROWS.get(run.device.type, MAX_ROWS["cpu"])
     per_chunk = max(1, max_rows // iw_samples)
-    nll, nelbo = [], []
+    starts = list(range(0, data.shape[0], per_chunk))
+    mine = starts[shard.rank :: shard.world]
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     start = time.perf_counter()
     with torch.inference_mode():
-        for lo in range(0, data.shape[0], per_chunk):
+        for i, lo in enumerate(mine):
+            gen = chunk_generator(seed, lo // per_chunk, run.device)
             a, b = importance_nll(
-                run.experiment.model, data[lo : lo + per_chunk], iw_samples, max_rows
+                run.experiment.model, data[lo : lo + per_chunk], iw_samples, max_rows, gen
             )
-            nll.append(a.double().cpu())
-            nelbo.append(b.double().cpu())
+            results[lo] = (a.double().cpu(), b.double().cpu())
             if progress is not None:
-                progress(min(lo + per_chunk, data.shape[0]), data.shape[0])
+                progress(min((i + 1) * per_chunk * shard.world, data.shape[0]), data.shape[0])
+    results = gather_results(results, shard)
+    nll = [results[lo][0] for lo in starts]
+    nelbo = [results[lo][1] for lo in starts]
     nll_t, nelbo_t = torch.cat(nll), torch.cat(nelbo)
     n = nll_t.numel()
     return {

@@ -10,6 +10,7 @@ data point is pushed through the K flows and scored with the annealed free energ
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,9 +36,13 @@ class FlowVAE(nn.Module):
         activation: str = "maxout",
         window: int = 4,
         flow_options: dict | None = None,
+        precision: str = "float32",
     ) -> None:
         super().__init__()
+        if precision not in ("float32", "bf16"):
+            raise ValueError(f"precision must be 'float32' or 'bf16', got {precision!r}")
         self.x_dim, self.latent_dim = x_dim, latent_dim
+        self.bf16 = precision == "bf16"
         self.encoder = mlp(x_dim, hidden, activation, window)
         self.decoder_body = mlp(latent_dim, list(reversed(hidden)), activation, window)
         width = hidden[-1] if hidden else x_dim
@@ -52,16 +57,29 @@ class FlowVAE(nn.Module):
             nn.init.normal_(self.flow_head.weight, std=0.01 / math.sqrt(width))
             nn.init.zeros_(self.flow_head.bias)
 
+    def nets(self, device: torch.device):
+        """The arithmetic of the encoder and decoder MLPs: bf16 autocast when asked for. Their
+        outputs are cast back to float32, so flows, log-dets and densities never see bf16."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """μ, σ and the flat flow parameters λ(x) (None without flow parameters)."""
-        h = self.encoder(x)
-        sigma = F.softplus(self.sigma(h)) + 1e-4
-        params = self.flow_head(h) if self.flow_head is not None else None
-        return self.mu(h), sigma, params
+        with self.nets(x.device):
+            h = self.encoder(x)
+            mu, sigma = self.mu(h), self.sigma(h)
+            params = self.flow_head(h) if self.flow_head is not None else None
+        if self.bf16:
+            mu, sigma = mu.float(), sigma.float()
+            params = params.float() if params is not None else None
+        return mu, F.softplus(sigma) + 1e-4, params
 
     def decode(self, z: Tensor) -> Tensor:
         """Bernoulli logits of p(x|z)."""
-        return self.decoder_out(self.decoder_body(z))
+        with self.nets(z.device):
+            logits = self.decoder_out(self.decoder_body(z))
+        return logits.float() if self.bf16 else logits
 
     def log_weights(
         self, x: Tensor, mu: Tensor, sigma: Tensor, params: Tensor | None, eps: Tensor
@@ -111,7 +129,11 @@ def _repeat_rows(t: Tensor | None, s: int) -> Tensor | None:
 
 
 def importance_nll(
-    model: FlowVAE, x: Tensor, samples: int, max_rows: int = 4000
+    model: FlowVAE,
+    x: Tensor,
+    samples: int,
+    max_rows: int = 4000,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-image -log p(x) ≈ -log (1/S Σ_s p(x, z_s)/q(z_s|x)) with exactly S samples, and -ELBO.
 
@@ -127,7 +149,9 @@ def importance_nll(
     while done < samples:
         s = min(per_chunk, samples - done)
 
-        eps = torch.randn(n * s, model.latent_dim, device=x.device, dtype=mu.dtype)
+        eps = torch.randn(
+            n * s, model.latent_dim, device=x.device, dtype=mu.dtype, generator=generator
+        )
         mu_r, sigma_r, params_r = (_repeat_rows(t, s) for t in (mu, sigma, params))
         terms = model.log_weights(x.unsqueeze(1), mu_r, sigma_r, params_r, eps)
         log_w = (terms["log_px"] + terms["log_pz"] - terms["log_q"]).view(n, s)
@@ -163,6 +187,7 @@ class VAEExperiment:
             activation=m.activation,
             window=m.maxout_window,
             flow_options=cfg.flow.options,
+            precision=m.precision,
         ).to(device)
         # The trainer swaps in a DistributedDataParallel wrapper and this rank's shard.
         self.forward_model, self.shard = self.model, SINGLE

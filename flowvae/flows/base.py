@@ -101,6 +101,14 @@ class Flow(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, amortized={self.amortized}"
 
+    @classmethod
+    def stack_forward(
+        cls, layers: list[Flow], z: Tensor, params: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """Optional fast path for a stack of layers of this class: ``(z_K, Σ log|det|)`` for
+        all of them at once, or None to run them one by one (the default)."""
+        return None
+
     # -- hard cases for the test suite ----------------------------------------------------------
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from flowvae.flows.base import Flow, batch_dot
 from flowvae.flows.planar_fused import planar_forward_fused
+from flowvae.flows.planar_stack import BLOCK, MAX_COUPLING_ELEMENTS, planar_stack_forward
 from flowvae.flows.registry import FLOWS
 
 #: Margin that keeps wᵀû >= -1 + SLACK (and so |det J| >= SLACK) in finite precision.
@@ -37,7 +38,8 @@ SLACK = 1e-3
 #: log(e - 1): the shift of softplus's argument that makes m(0) = 0 (option identity_init).
 IDENTITY_SHIFT = math.log(math.e - 1.0)
 
-#: Use the single-node autograd Function (planar_fused.py); False selects the reference ops.
+#: Use the hand-written autograd Functions (planar_fused.py for one layer, planar_stack.py for a
+#: stack); False selects the reference ops, layer by layer.
 FUSED = True
 
 
@@ -148,6 +150,27 @@ class Planar(Flow):
 
     def inverse_transform(self, y: Tensor, u: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return planar_inverse(y, u, w, b, self.scaled_offset, self.shift)
+
+    @classmethod
+    def stack_forward(
+        cls, layers: list[Flow], z: Tensor, params: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        first = layers[0]
+        k = len(layers)
+        if (
+            not FUSED
+            or any((x.scaled_offset, x.shift) != (first.scaled_offset, first.shift) for x in layers)
+            or z.shape[0] * k * min(k, BLOCK) > MAX_COUPLING_ELEMENTS
+        ):
+            return None
+        if first.amortized:
+            packed = params.reshape(params.shape[0], k, 2 * first.dim + 1)
+        else:
+            packed = torch.cat(
+                [torch.stack([getattr(x, name) for x in layers]) for name in ("u", "w", "b")],
+                dim=-1,
+            ).unsqueeze(0)
+        return planar_stack_forward(z, packed, first.scaled_offset, SLACK, first.shift)
 
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:

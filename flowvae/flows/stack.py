@@ -17,6 +17,9 @@ class FlowStack(nn.Module):
         self.dim = int(dim)
         self.amortized = bool(amortized)
         self.sizes = [layer.num_params for layer in layers]
+        # A family may run a homogeneous stack as one unit (Flow.stack_forward).
+        kinds = {type(layer) for layer in layers}
+        self._family = kinds.pop() if len(kinds) == 1 else None
 
     @property
     def num_params(self) -> int:
@@ -26,9 +29,10 @@ class FlowStack(nn.Module):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def split(self, params: Tensor | None) -> list[Tensor | None]:
+    def check(self, params: Tensor | None) -> None:
+        """Raise a ValueError unless ``params`` fits this stack (amortised: shape (B, P))."""
         if not self.amortized or self.num_params == 0:
-            return [None] * len(self.layers)
+            return
         if params is None:
             raise ValueError(
                 f"this amortised stack needs parameters of shape (B, {self.num_params})"
@@ -37,9 +41,19 @@ class FlowStack(nn.Module):
             raise ValueError(
                 f"expected flow parameters of shape (B, {self.num_params}), got {tuple(params.shape)}"
             )
+
+    def split(self, params: Tensor | None) -> list[Tensor | None]:
+        self.check(params)
+        if not self.amortized or self.num_params == 0:
+            return [None] * len(self.layers)
         return list(torch.split(params, self.sizes, dim=1))
 
     def forward(self, z: Tensor, params: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self._family is not None:
+            self.check(params)
+            fused = self._family.stack_forward(self.layers, z, params)
+            if fused is not None:
+                return fused
         log_det = z.new_zeros(z.shape[0])
         for layer, p in zip(self.layers, self.split(params)):
             z, ld = layer(z, p)

@@ -1,0 +1,169 @@
+"""K planar layers as one autograd node whose loop over layers is two small ops per layer.
+
+A planar layer only moves z along û_k, so every later pre-activation is known in closed form:
+
+    a_k = wₖᵀz_0 + off_k + Σ_{j<k} t_j · (û_jᵀw_k),    t_j = tanh(a_j),
+    z_K = z_0 + Σ_k t_k û_k.
+
+The coupling matrix M[j, k] = û_jᵀw_k (j < k) and the K starting values wₖᵀz_0 + off_k come
+from two batched matrix products; the sequential part is then a scalar recursion per row
+(tanh of one column, one rank-one update of the row of pending pre-activations), and z itself
+is never formed between layers. The backward pass runs the same recursion in reverse for
+∂L/∂a_k and gets every parameter gradient from a few batched products afterwards. This replaces
+some 40 kernel launches per layer and step with about 4, which is what a deep amortised stack
+spends its time on at batch 100.
+
+The maths of one layer (û from the invertibility constraint, the scaled offset, the
+cancellation-free log-det log(t² + s(1 - t²))) is that of planar.py / planar_fused.py, which
+this is tested against. Shapes: z (B, D); the packed parameters [u, w, b] (P, K, 2D + 1), where
+P is B (amortised) or 1 (global, shared by every row).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+#: Layers per block: within a block the coupling matrix (cost B·m²·D) replaces forming z; between
+#: blocks z is formed once. Measured on CPU at batch 100, D = 40 (see docs/benchmarks.md).
+BLOCK = 16
+
+#: Largest B·K·BLOCK (coupling matrices kept for the backward pass) for which the stacked path
+#: is used; beyond it (deep stacks on very large batches) the layers run one by one.
+MAX_COUPLING_ELEMENTS = 1 << 24
+
+
+def _outer(rows: Tensor, cols: Tensor, shared: bool) -> Tensor:
+    """rows (B, K) ⊗ cols (B, N) -> (B, K, N), or summed over B to (1, K, N) when shared."""
+    if shared:
+        return (rows.transpose(0, 1) @ cols).unsqueeze(0)
+    return rows.unsqueeze(2) * cols.unsqueeze(1)
+
+
+def _reduce(t: Tensor, shared: bool) -> Tensor:
+    return t.sum(0, keepdim=True) if shared else t
+
+
+def _row_times(bias: Tensor, x: Tensor, mat: Tensor) -> Tensor:
+    """bias + x_i · mat_i per row: x (B, N), mat (B|1, N, M), bias broadcastable to (B, M)."""
+    if mat.shape[0] == 1:
+        return torch.addmm(bias, x, mat[0])
+    return torch.baddbmm(bias.unsqueeze(1), x.unsqueeze(1), mat).squeeze(1)
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+class PlanarStackFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float, block: int
+    ):
+        d = z.shape[-1]
+        u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d :]
+        wu = (w * u).sum(-1)  # (P, K)
+        s = F.softplus(wu + shift if shift else wu) + slack
+        wsq = (w * w).sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+        c = (s - 1.0 - wu) / wsq
+        u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
+        off = wsq.sqrt() * b[..., 0] if scaled else b[..., 0]
+        ts, saved = [], []
+        for k0 in range(0, u.shape[1], block):
+            w_t = w[:, k0 : k0 + block].transpose(-1, -2)  # (P, D, m)
+            u_hat_b = u_hat[:, k0 : k0 + block]
+            # coupling[j, k] = û_jᵀw_k: what t_j adds to a_k. Only j < k is ever used: the
+            # entries on and below the diagonal land on pre-activations already consumed.
+            coupling = u_hat_b @ w_t
+            pre = _row_times(off[:, k0 : k0 + block], z, w_t)  # (B, m) pending a_k
+            columns = pre.split(1, dim=1)
+            rows = coupling.unbind(1)
+            t_b = []
+            for k in range(len(columns)):
+                t = torch.tanh(columns[k])
+                t_b.append(t)
+                pre.addcmul_(t, rows[k])
+            t_b = torch.cat(t_b, dim=1)  # (B, m)
+            saved.append((z, coupling))
+            ts.append(t_b)
+            z = _row_times(z, t_b, u_hat_b)
+        t = _cat(ts, 1)  # (B, K)
+        t_sq = t * t
+        h = 1.0 - t_sq
+        dn = torch.addcmul(t_sq, s, h)
+        ctx.scaled, ctx.shift, ctx.block, ctx.blocks = scaled, shift, block, saved
+        ctx.save_for_backward(u, w, b, wu, s, wsq, c, u_hat, t, h, dn)
+        return z, torch.log(dn).sum(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_y: Tensor, g_ld: Tensor):
+        u, w, b, wu, s, wsq, c, u_hat, t, h, dn = ctx.saved_tensors
+        block, blocks = ctx.block, ctx.blocks
+        shared = u.shape[0] == 1 and g_y.shape[0] != 1
+        g_ld_dn = g_ld.unsqueeze(-1) / dn  # (B, K)
+        ld_t = g_ld_dn * 2.0 * t * (1.0 - s)  # ∂L/∂t_k through log-det term k
+        g = g_y  # ∂L/∂z at the output of the current block
+        g_as, g_uhats, g_ws = [], [], []
+        for i in range(len(blocks) - 1, -1, -1):
+            z_in, coupling = blocks[i]
+            k0 = i * block
+            w_b, u_hat_b, t_b = (x[:, k0 : k0 + block] for x in (w, u_hat, t))
+            # ∂L/∂t_k through the block's output and log-det term k, then through every later
+            # pre-activation in the block, last layer first: once every layer after k has added
+            # to column k, ∂L/∂a_k = h_k ∂L/∂t_k. (Adding to columns k and later afterwards is
+            # harmless: they are never read again.)
+            g_t = _row_times(ld_t[:, k0 : k0 + block], g, u_hat_b.transpose(-1, -2))
+            columns = g_t.split(1, dim=1)
+            h_columns = h[:, k0 : k0 + block].split(1, dim=1)
+            into = coupling.unbind(2)
+            g_a = []
+            for k in range(len(columns) - 1, -1, -1):
+                g_ak = columns[k] * h_columns[k]
+                g_a.append(g_ak)
+                g_t.addcmul_(g_ak, into[k])
+            g_a = torch.cat(g_a[::-1], dim=1)  # (B, m)
+            g_coupling = torch.triu(_outer(t_b, g_a, shared), diagonal=1)
+            g_uhats.append(torch.baddbmm(_outer(t_b, g, shared), g_coupling, w_b))
+            g_ws.append(
+                torch.baddbmm(_outer(g_a, z_in, shared), g_coupling.transpose(-1, -2), u_hat_b)
+            )
+            g_as.append(g_a)
+            g = _row_times(g, g_a, w_b)
+        g_uhat = _cat(g_uhats[::-1], 1)  # (P, K, D)
+        g_w = _cat(g_ws[::-1], 1)
+        g_off = _reduce(_cat(g_as[::-1], 1), shared)  # (P, K)
+        g_c = (g_uhat * w).sum(-1)
+        g_c_wsq = g_c / wsq
+        g_s = _reduce(g_ld_dn * h, shared) + g_c_wsq
+        g_wu = g_s * torch.sigmoid(wu + ctx.shift if ctx.shift else wu) - g_c_wsq
+        g_wsq = -g_c_wsq * c
+        if ctx.scaled:
+            n = wsq.sqrt()
+            g_b = g_off * n
+            g_wsq = g_wsq + g_off * b[..., 0] / (2.0 * n)
+        else:
+            g_b = g_off
+        g_u = torch.addcmul(g_uhat, g_wu.unsqueeze(-1), w)
+        g_w = torch.addcmul(g_w, c.unsqueeze(-1), g_uhat)
+        g_w = torch.addcmul(g_w, g_wu.unsqueeze(-1), u)
+        g_w = torch.addcmul(g_w, (2.0 * g_wsq).unsqueeze(-1), w)
+        # One gradient for the packed parameters: no zero-filled buffer per slice.
+        return g, torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1), None, None, None, None
+
+
+def planar_stack_forward(
+    z: Tensor,
+    params: Tensor,
+    scaled_offset: bool,
+    slack: float,
+    shift: float = 0.0,
+    block: int = BLOCK,
+) -> tuple[Tensor, Tensor]:
+    """z_K and Σ_k log|det J_k| of K planar layers.
+
+    ``params`` (B|1, K, 2D + 1) holds each layer's [u, w, b] as in the flat amortised layout.
+    """
+    return PlanarStackFunction.apply(z, params, scaled_offset, slack, shift, block)

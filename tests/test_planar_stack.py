@@ -1,0 +1,123 @@
+"""The stacked planar path (planar_stack.py) against the layers run one by one with the
+reference autograd ops: values, gradients of every input, and the fallbacks."""
+
+import pytest
+import torch
+
+from flowvae import flows
+from flowvae.flows import planar_stack
+from flowvae.flows.planar import IDENTITY_SHIFT, SLACK, Planar, planar_forward
+from flowvae.flows.planar_stack import planar_stack_forward
+from flowvae.flows.stack import FlowStack
+
+
+def _layer_by_layer(z, packed, scaled, shift):
+    d = z.shape[-1]
+    total = z.new_zeros(z.shape[0])
+    for k in range(packed.shape[1]):
+        p = packed[:, k]
+        z, ld = planar_forward(z, p[:, :d], p[:, d : 2 * d], p[:, 2 * d :], scaled, shift)
+        total = total + ld
+    return z, total
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+@pytest.mark.parametrize("batch_params", [1, 6], ids=["global", "amortised"])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 4.0])
+@pytest.mark.parametrize("shift", [0.0, IDENTITY_SHIFT])
+@pytest.mark.parametrize("k,block", [(1, 16), (7, 3), (7, 7), (12, 16), (20, 8)])
+def test_stack_matches_layers_values_and_gradients(scaled, batch_params, scale, shift, k, block):
+    gen = torch.Generator().manual_seed(k * 100 + block)
+    dim = 5
+    z = torch.randn(6, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    packed = scale * torch.randn(batch_params, k, 2 * dim + 1, generator=gen, dtype=torch.float64)
+    packed.requires_grad_()
+    gy = torch.randn(6, dim, generator=gen, dtype=torch.float64)
+    gld = torch.randn(6, generator=gen, dtype=torch.float64)
+
+    def run(fn):
+        y, ld = fn(z, packed)
+        grads = torch.autograd.grad((y * gy).sum() + (ld * gld).sum(), (z, packed))
+        return y, ld, grads
+
+    ref = run(lambda z, p: _layer_by_layer(z, p, scaled, shift))
+    got = run(lambda z, p: planar_stack_forward(z, p, scaled, SLACK, shift, block))
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-11, atol=1e-11)
+    for g_got, g_ref in zip(got[2], ref[2], strict=True):
+        # The stack sums the same terms in another order; with large parameters single
+        # gradient entries are differences of much larger terms, so the tolerance is
+        # relative to the gradient's scale.
+        scale_g = float(g_ref.abs().max())
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-7, atol=1e-9 * (1.0 + scale_g))
+
+
+@pytest.mark.parametrize("batch_params", [1, 4], ids=["global", "amortised"])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_stack_gradcheck(batch_params, scaled):
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    packed = torch.randn(batch_params, 5, 7, generator=gen, dtype=torch.float64)
+    packed.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z, p: planar_stack_forward(z, p, scaled, SLACK, 0.0, 2),
+        (z, packed),
+        eps=1e-6,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("amortized", [True, False])
+def test_flowstack_takes_the_stacked_path_and_agrees_with_the_layers(monkeypatch, amortized):
+    torch.manual_seed(0)
+    stack = flows.build("planar", 4, 9, amortized=amortized).double()
+    z = torch.randn(8, 4, dtype=torch.float64)
+    params = torch.randn(8, stack.num_params, dtype=torch.float64) if amortized else None
+    calls = []
+    real = planar_stack.PlanarStackFunction.apply
+    monkeypatch.setattr(
+        planar_stack.PlanarStackFunction, "apply", lambda *a: calls.append(1) or real(*a)
+    )
+    y, ld = stack(z, params)
+    assert calls, "a homogeneous planar stack should run as one stacked node"
+    monkeypatch.setattr("flowvae.flows.planar.FUSED", False)
+    y_ref, ld_ref = stack(z, params)
+    assert len(calls) == 1, "FUSED = False must run the layers one by one"
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(ld, ld_ref)
+
+
+def test_large_batches_fall_back_to_layers(monkeypatch):
+    torch.manual_seed(1)
+    stack = flows.build("planar", 3, 4, amortized=True).double()
+    z = torch.randn(10, 3, dtype=torch.float64)
+    params = torch.randn(10, stack.num_params, dtype=torch.float64)
+    y, ld = stack(z, params)
+    monkeypatch.setattr("flowvae.flows.planar.MAX_COUPLING_ELEMENTS", 10 * 4 * 4 - 1)
+    assert Planar.stack_forward(stack.layers, z, params) is None
+    y_small, ld_small = stack(z, params)
+    torch.testing.assert_close(y_small, y)
+    torch.testing.assert_close(ld_small, ld)
+
+
+def test_mixed_layer_options_are_not_stacked():
+    layers = [Planar(3, offset="scaled"), Planar(3, offset="free")]
+    assert Planar.stack_forward(layers, torch.randn(2, 3), None) is None
+    stack = FlowStack(layers, 3).double()
+    z = torch.randn(5, 3, dtype=torch.float64)
+    y, ld = stack(z)
+    ref = z
+    total = torch.zeros(5, dtype=torch.float64)
+    for layer in layers:
+        ref, ld_layer = layer(ref)
+        total = total + ld_layer
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(ld, total)
+
+
+def test_stack_keeps_dtype_and_shapes():
+    z = torch.randn(3, 2)
+    packed = 0.1 * torch.randn(3, 4, 5)
+    y, ld = planar_stack_forward(z, packed, True, SLACK)
+    assert y.shape == (3, 2) and ld.shape == (3,)
+    assert y.dtype == ld.dtype == torch.float32
