@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     p.add_argument("--ks", type=int_list, default=[0, 10, 40, 80], help="VAE flow depths")
+    p.add_argument(
+        "--compile-ks",
+        type=lambda t: [] if t.strip() in ("", "none") else int_list(t),
+        default=[10, 80],
+        help="also time flowvae with train.compile: true at these K ('none' to skip)",
+    )
     p.add_argument("--iw-samples", type=int_list, default=[200, 5000], help="S for -log p(x)")
     p.add_argument(
         "--seconds-per-item",
@@ -137,7 +143,7 @@ def log(msg: str) -> None:
 # -- the code under test ------------------------------------------------------------------------
 
 
-def vae_config(k: int, args, device: torch.device):
+def vae_config(k: int, args, device: torch.device, compile: bool = False):
     return load_config(
         REPO / "configs" / "mnist_quick.yaml",
         [
@@ -148,6 +154,7 @@ def vae_config(k: int, args, device: torch.device):
             "data.download=false",
             f"device={device.type}",
             f"seed={args.seed}",
+            f"train.compile={str(compile).lower()}",
         ],
     )
 
@@ -174,6 +181,8 @@ def flowvae_training(cfg, device: torch.device):
     torch.manual_seed(cfg.seed)
     experiment = build_experiment(cfg, device)
     model = experiment.model
+    if cfg.train.compile:  # as flowvae.train.train does
+        experiment.forward_model = torch.compile(experiment.forward_model, dynamic=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, device)
     schedule = make_schedule(cfg, optimizer)
@@ -467,7 +476,9 @@ def check_finite(name: str, state: dict, notes: list[str]) -> None:
 
 
 def bench_vae(args, device, sync, notes: list[str]) -> list[dict]:
-    rows = []
+    """Every K and both implementations timed in one interleaved set of blocks, so that the flow
+    overhead t(K)/t(0) compares blocks run side by side, not minutes apart."""
+    fns, models = {}, {}
     for k in args.ks:
         log(f"[vae K={k}] building")
         experiment, fv = flowvae_training(vae_config(k, args, device), device)
@@ -476,22 +487,33 @@ def bench_vae(args, device, sync, notes: list[str]) -> list[dict]:
         n_fv, n_bl = count_params(experiment.model), count_params(base.model)
         if n_fv != n_bl:
             notes.append(f"VAE K={k}: flowvae has {n_fv} parameters, the baseline {n_bl}")
-        timing = interleaved(
-            {"flowvae": fv, "baseline": base},
-            args.seconds_per_item,
-            args.rounds,
-            args.warmup,
-            sync,
-        )
-        check_finite(f"flowvae VAE K={k}", fv.state, notes)
-        check_finite(f"baseline VAE K={k}", base.state, notes)
-        rows.append({"k": k, "params": n_fv, **timing})
+        fns[("flowvae", k)], fns[("baseline", k)] = fv, base
+        models[k] = n_fv
+        if k in args.compile_ks:
+            log(f"[vae K={k}] compiling")
+            _, fc = flowvae_training(vae_config(k, args, device, compile=True), device)
+            t0 = time.perf_counter()
+            fc()
+            fc.compile_seconds = time.perf_counter() - t0
+            fns[("flowvae+compile", k)] = fc
+    timing = interleaved(fns, args.seconds_per_item * len(args.ks), args.rounds, args.warmup, sync)
+    rows = []
+    for k in args.ks:
+        check_finite(f"flowvae VAE K={k}", fns[("flowvae", k)].state, notes)
+        check_finite(f"baseline VAE K={k}", fns[("baseline", k)].state, notes)
+        row = {"k": k, "params": models[k]}
+        row["flowvae"], row["baseline"] = timing[("flowvae", k)], timing[("baseline", k)]
+        if ("flowvae+compile", k) in timing:
+            check_finite(f"compiled VAE K={k}", fns[("flowvae+compile", k)].state, notes)
+            row["compiled"] = timing[("flowvae+compile", k)]
+            row["compile_seconds"] = fns[("flowvae+compile", k)].compile_seconds
+        rows.append(row)
         log(
-            f"[vae K={k}] flowvae {1 / timing['flowvae']['median_s']:.1f} steps/s, "
-            f"baseline {1 / timing['baseline']['median_s']:.1f} steps/s"
+            f"[vae K={k}] flowvae {1 / row['flowvae']['median_s']:.1f} steps/s, "
+            f"baseline {1 / row['baseline']['median_s']:.1f} steps/s"
         )
-        del experiment, fv, base
-        gc.collect()
+    del fns
+    gc.collect()
     return rows
 
 
@@ -665,6 +687,22 @@ def markdown(results: dict) -> str:
             f"| {mib(mem, 'flowvae', item='vae', k=row['k'])} "
             f"| {mib(mem, 'baseline', item='vae', k=row['k'])} |"
         )
+    compiled = [row for row in vae if "compiled" in row]
+    if compiled:
+        lines += [
+            "",
+            "With `train.compile: true` (torch.compile of the model's forward), timed in the "
+            "same interleaved blocks:",
+            "",
+            "| K | eager steps/s | compiled steps/s | compiled / eager | first step (compile) s |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in compiled:
+            f, c = row["flowvae"], row["compiled"]
+            lines.append(
+                f"| {row['k']} | {rate(f)} | {rate(c)} | {f['median_s'] / c['median_s']:.2f} "
+                f"| {row['compile_seconds']:.1f} |"
+            )
     lines += [
         "",
         f"## 2. Importance-sampled -log p(x), planar K={IW_K} (test images per second)",

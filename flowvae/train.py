@@ -277,7 +277,10 @@ def train(
         experiment.forward_model = DistributedDataParallel(model, device_ids=ids)
         experiment.shard = shard
 
-    train_step = _compiled_step(experiment, cfg) if cfg.train.compile else None
+    if cfg.train.compile:
+        # Only the model's forward is compiled: the step counter and β stay Python values
+        # outside the graph (compiling train_loss recompiled for every new step).
+        experiment.forward_model = torch.compile(experiment.forward_model, dynamic=False)
 
     def state(score: float | None = None) -> dict[str, Any]:
         return checkpoint.make_checkpoint(
@@ -318,10 +321,7 @@ def train(
             while step < t.steps:
                 beta = anneal_beta(step, t.anneal_steps)
                 model.train()
-                if train_step is not None:
-                    loss, metrics = train_step(step, beta)
-                else:
-                    loss, metrics = experiment.train_loss(step, beta)
+                loss, metrics = experiment.train_loss(step, beta)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = gradient_norm(params, clip)
@@ -430,11 +430,6 @@ def write_run_info(
         "flowvae": __version__,
     }
     (out_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-
-
-def _compiled_step(experiment, cfg: Config):
-    compiled = torch.compile(experiment.train_loss, dynamic=False)
-    return compiled
 
 
 def default_out_dir(cfg: Config) -> Path:
