@@ -53,7 +53,12 @@ from flowvae import distributed  # noqa: E402
 from flowvae.config import load_config  # noqa: E402
 from flowvae.experiment import anneal_beta, build_experiment  # noqa: E402
 from flowvae.runs import MAX_ROWS  # noqa: E402
-from flowvae.train import gradient_norm, make_optimizer, make_schedule  # noqa: E402
+from flowvae.train import (  # noqa: E402
+    deferred_guard,
+    gradient_norm,
+    make_optimizer,
+    make_schedule,
+)
 from flowvae.vae import importance_nll  # noqa: E402
 
 IW_K = 10  # planar depth of the evaluation benchmark
@@ -175,7 +180,7 @@ def density_config(args, device: torch.device):
 def flowvae_training(cfg, device: torch.device):
     """(experiment, step) where step() is one iteration of flowvae.train.train's loop.
 
-    The lines below are copied from that loop (compile off, before its logging branch), not
+    The lines below are copied from that loop (before its logging branch), not
     factored out of it, so the library is timed as it runs.
     """
     torch.manual_seed(cfg.seed)
@@ -190,6 +195,9 @@ def flowvae_training(cfg, device: torch.device):
     clip = t.grad_clip if t.grad_clip > 0 else None
     state = {"step": 0, "skipped": 0, "last": None}
 
+    deferred = deferred_guard(optimizer, device)
+    bad = torch.zeros((), device=device)
+
     def step():
         beta = anneal_beta(state["step"], t.anneal_steps)
         model.train()
@@ -198,17 +206,22 @@ def flowvae_training(cfg, device: torch.device):
         loss.backward()
         grad_norm = gradient_norm(params, clip)
         loss_all, _ = distributed.agree(loss.detach(), False, distributed.SINGLE)
-        # One host sync per step: the price of never letting a NaN into the weights.
-        finite = bool(torch.isfinite(loss_all + grad_norm))
-        if finite:
+        if deferred:  # CUDA with a fused optimizer: no host sync, the optimizer skips on device
+            nonfinite = (~torch.isfinite(loss_all + grad_norm)).float()
+            optimizer.found_inf = nonfinite
             optimizer.step()
-            schedule.step()
+            bad.add_(nonfinite)
+        # One host sync per step: the price of never letting a NaN into the weights.
+        elif bool(torch.isfinite(loss_all + grad_norm)):
+            optimizer.step()
         else:
             state["skipped"] += 1
+        schedule.step()
         state["step"] += 1
         state["last"] = loss
         return loss
 
+    state["deferred_bad"] = bad
     step.state = state
     return experiment, step
 
@@ -469,6 +482,8 @@ def machine_info(device: torch.device) -> dict:
 
 def check_finite(name: str, state: dict, notes: list[str]) -> None:
     last = state["last"]
+    if "deferred_bad" in state:
+        state["skipped"] += int(state["deferred_bad"])
     if state["skipped"]:
         notes.append(f"{name}: {state['skipped']} of {state['step']} steps were non-finite")
     if last is not None and not bool(torch.isfinite(last.detach())):

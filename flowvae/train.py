@@ -68,6 +68,30 @@ def gradient_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tenso
     return torch.nn.utils.get_total_norm(grads)
 
 
+def deferred_guard(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Whether the non-finite guard runs without a per-step host sync.
+
+    On CUDA a sync per step stops the host from queueing the next step while the GPU works,
+    which costs a launch-bound model much of its speed. A fused optimizer can skip its own
+    update on device (``found_inf``), so there the host checks only every
+    min(log_every, max_bad_steps) steps. Elsewhere the per-step check is free.
+    """
+    return device.type == "cuda" and bool(optimizer.defaults.get("fused"))
+
+
+def raise_bad_steps(run_len: int, step: int, limit: int, last_path: Path) -> None:
+    saved = (
+        f"last good checkpoint: {last_path}"
+        if last_path.exists()
+        else "no checkpoint was written yet"
+    )
+    raise TrainingError(
+        f"{run_len} non-finite steps in a row at step {step} "
+        f"(train.max_bad_steps = {limit}) — lower train.lr, set "
+        f"train.grad_clip, or check the data; {saved}"
+    )
+
+
 def make_schedule(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     steps = cfg.train.steps
     if cfg.train.lr_schedule == "cosine":
@@ -300,6 +324,10 @@ def train(
     t = cfg.train
     clip = t.grad_clip if t.grad_clip > 0 else None
     bad_in_a_row = 0
+    deferred = deferred_guard(optimizer, device)
+    check_every = min(t.log_every, t.max_bad_steps)
+    bad_run = torch.zeros((), device=device)  # current run of non-finite steps (deferred)
+    bad_window = torch.zeros((), device=device)  # non-finite steps since the last check
     last_metrics: dict[str, float] = {}
     start_time = time.perf_counter()
     window_start, window_steps = time.perf_counter(), 0
@@ -328,15 +356,40 @@ def train(
                 # Ranks agree on the mean loss and on whether anyone was signalled, so they skip,
                 # stop and save together.
                 loss_all, stop_all = distributed.agree(loss.detach(), bool(caught), shard)
-                # One host sync per step: the price of never letting a NaN into the weights.
-                finite = bool(torch.isfinite(loss_all + grad_norm))
-                if finite:
-                    bad_in_a_row = 0
+                if deferred:
+                    # The guard without a host sync: the fused optimizer itself skips the
+                    # update when found_inf is 1; the host looks every few steps.
+                    nonfinite = (~torch.isfinite(loss_all + grad_norm)).float()
+                    optimizer.found_inf = nonfinite
                     optimizer.step()
                     schedule.step()
+                    bad_run = (bad_run + nonfinite) * nonfinite
+                    bad_window += nonfinite
+                    step += 1
                     window_steps += 1
-                step += 1
-                if not finite:
+                    if step % check_every == 0 or step == t.steps or stop_all:
+                        n_bad, run_len = int(bad_window), int(bad_run)
+                        bad_window.zero_()
+                        if n_bad and main:
+                            console.print(
+                                f"[yellow]warning:[/] {n_bad} non-finite loss or gradient "
+                                f"step(s) up to step {step}, updates skipped "
+                                f"({run_len}/{t.max_bad_steps} in a row)"
+                            )
+                        if run_len >= t.max_bad_steps:
+                            raise_bad_steps(run_len, step, t.max_bad_steps, last_path)
+                    finite = None  # known on the host only at the checks above
+                # One host sync per step: the price of never letting a NaN into the weights.
+                elif finite := bool(torch.isfinite(loss_all + grad_norm)):
+                    bad_in_a_row = 0
+                    optimizer.step()
+                    window_steps += 1
+                if not deferred:
+                    # The learning rate follows the step count, skipped steps included (as the
+                    # deferred guard must: it learns of a skip only later).
+                    schedule.step()
+                    step += 1
+                if finite is False:
                     # The update is skipped, but the step still reaches the checkpoint,
                     # validation and signal checks below (the weights are the last good ones).
                     bad_in_a_row += 1
@@ -346,17 +399,12 @@ def train(
                             f"update skipped ({bad_in_a_row}/{t.max_bad_steps} in a row)"
                         )
                     if bad_in_a_row >= t.max_bad_steps:
-                        saved = (
-                            f"last good checkpoint: {last_path}"
-                            if last_path.exists()
-                            else "no checkpoint was written yet"
-                        )
-                        raise TrainingError(
-                            f"{bad_in_a_row} non-finite steps in a row at step {step} "
-                            f"(train.max_bad_steps = {t.max_bad_steps}) — lower train.lr, set "
-                            f"train.grad_clip, or check the data; {saved}"
-                        )
-                elif main and (step % t.log_every == 0 or step == t.steps):
+                        raise_bad_steps(bad_in_a_row, step, t.max_bad_steps, last_path)
+                elif (
+                    main
+                    and (step % t.log_every == 0 or step == t.steps)
+                    and math.isfinite(float(loss_all))
+                ):
                     now = time.perf_counter()
                     rate = window_steps / max(now - window_start, 1e-9)
                     window_start, window_steps = now, 0

@@ -664,3 +664,57 @@ def test_same_seed_same_parameters(tmp_path):
     train(other, tmp_path / "c", progress=False, tensorboard=False, console=quiet()[0])
     third = checkpoint.load(tmp_path / "c" / "checkpoints" / "last.pt")
     assert any(not torch.equal(third["model"][k], runs[0]["model"][k]) for k in third["model"])
+
+
+# -- 3b. The guard without a per-step sync (CUDA's; forced here on the CPU) ------------------------
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    monkeypatch.setattr("flowvae.train.deferred_guard", lambda optimizer, device: True)
+
+
+def test_deferred_guard_skips_nan_updates_without_syncing_each_step(tmp_path, deferred):
+    energy = FlakyEnergy(lambda n: n % 7 == 0)
+    console, buf = quiet()
+    with registered_target(energy) as name:
+        cfg = tiny_cfg(f"target.name={name}", "train.steps=70", "train.log_every=10")
+        result = train(cfg, tmp_path, progress=False, tensorboard=False, console=console)
+    assert result.step == 70
+    warnings = [line for line in buf.getvalue().splitlines() if "non-finite" in line]
+    # Checked every min(log_every, max_bad_steps) = 10 steps: one line per window with a bad
+    # step (steps 7, 14, ..., 70 are bad: one in each of the 7 windows, two in 11..20 etc.).
+    counts = [int(line.split("warning: ")[1].split()[0]) for line in warnings]
+    assert sum(counts) == 10 and len(warnings) == 7, buf.getvalue()
+    assert_no_nan(tmp_path / "checkpoints" / "last.pt")
+    assert_no_nan(tmp_path / "checkpoints" / "best.pt")
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        assert "NaN" not in line, line
+
+
+def test_deferred_guard_weights_match_the_sync_guard(tmp_path, monkeypatch):
+    """Both guards skip exactly the same updates: identical final weights."""
+    weights = []
+    for mode in (False, True):
+        monkeypatch.setattr("flowvae.train.deferred_guard", lambda o, d, m=mode: m)
+        energy = FlakyEnergy(lambda n: n % 5 == 0)
+        with registered_target(energy) as name:
+            cfg = tiny_cfg(f"target.name={name}", "train.steps=40")
+            out = tmp_path / str(mode)
+            train(cfg, out, progress=False, tensorboard=False, console=quiet()[0])
+        weights.append(torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"])
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=0, atol=0)
+
+
+def test_deferred_guard_stops_a_persistent_nan(tmp_path, deferred):
+    energy = FlakyEnergy(lambda n: n > 30)
+    with registered_target(energy) as name:
+        cfg = tiny_cfg(f"target.name={name}", "train.steps=1000", "train.max_bad_steps=5")
+        with pytest.raises(TrainingError, match="non-finite steps in a row") as excinfo:
+            train(cfg, tmp_path, progress=False, tensorboard=False, console=quiet()[0])
+    # Checked every min(log_every, 5) = 5 steps: the run of bad steps starts at 31 and is seen
+    # at step 35 (5 in a row).
+    assert "5 non-finite steps in a row at step 35" in str(excinfo.value)
+    assert energy.calls == 35
+    assert_no_nan(tmp_path / "checkpoints" / "last.pt")
