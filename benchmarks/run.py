@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0, 10, 80],
         help="also time flowvae with train.compile: true at these K ('none' to skip)",
     )
+    p.add_argument(
+        "--head-only-ks",
+        type=lambda t: [] if t.strip() in ("", "none") else int_list(t),
+        default=[10, 80],
+        help="also time flowvae at these K with the flow layers skipped but the encoder's "
+        "flow-parameter head computed and backpropagated: the floor any flow code sits on",
+    )
     p.add_argument("--iw-samples", type=int_list, default=[200, 5000], help="S for -log p(x)")
     p.add_argument(
         "--seconds-per-item",
@@ -224,6 +231,16 @@ def flowvae_training(cfg, device: torch.device):
     state["deferred_bad"] = bad
     step.state = state
     return experiment, step
+
+
+def skip_flow(model) -> None:
+    """Replace the flow layers by the identity while keeping the encoder's flow-parameter head in
+    the graph (its output enters the loss times 0, so its GEMMs run forward and backward)."""
+
+    def identity(z, params):
+        return z + 0.0 * params[:, : z.shape[1]], z.new_zeros(z.shape[0])
+
+    model.flow.forward = identity
 
 
 def baseline_training(step):
@@ -504,6 +521,10 @@ def bench_vae(args, device, sync, notes: list[str]) -> list[dict]:
             notes.append(f"VAE K={k}: flowvae has {n_fv} parameters, the baseline {n_bl}")
         fns[("flowvae", k)], fns[("baseline", k)] = fv, base
         models[k] = n_fv
+        if k in args.head_only_ks and k > 0:
+            head_exp, fh = flowvae_training(vae_config(k, args, device), device)
+            skip_flow(head_exp.model)
+            fns[("head only", k)] = fh
         if k in args.compile_ks:
             log(f"[vae K={k}] compiling")
             _, fc = flowvae_training(vae_config(k, args, device, compile=True), device)
@@ -518,6 +539,8 @@ def bench_vae(args, device, sync, notes: list[str]) -> list[dict]:
         check_finite(f"baseline VAE K={k}", fns[("baseline", k)].state, notes)
         row = {"k": k, "params": models[k]}
         row["flowvae"], row["baseline"] = timing[("flowvae", k)], timing[("baseline", k)]
+        if ("head only", k) in timing:
+            row["head_only"] = timing[("head only", k)]
         if ("flowvae+compile", k) in timing:
             check_finite(f"compiled VAE K={k}", fns[("flowvae+compile", k)].state, notes)
             row["compiled"] = timing[("flowvae+compile", k)]
@@ -702,6 +725,24 @@ def markdown(results: dict) -> str:
             f"| {mib(mem, 'flowvae', item='vae', k=row['k'])} "
             f"| {mib(mem, 'baseline', item='vae', k=row['k'])} |"
         )
+    heads = [row for row in vae if "head_only" in row]
+    if heads:
+        lines += [
+            "",
+            "The floor under any flow code: flowvae with the flow layers skipped but the encoder's "
+            "flow-parameter head (Linear 400 → K·81) computed and backpropagated, same blocks:",
+            "",
+            f"| K | head only steps/s | head only t(K)/t({ref_name}) | flowvae t(K)/t({ref_name}) "
+            "| flow layers' share of the step |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in heads:
+            h, f = row["head_only"], row["flowvae"]
+            t0 = ref["flowvae"]["median_s"]
+            lines.append(
+                f"| {row['k']} | {rate(h)} | {h['median_s'] / t0:.2f} | {f['median_s'] / t0:.2f} "
+                f"| {(f['median_s'] - h['median_s']) / f['median_s']:.1%} |"
+            )
     compiled = [row for row in vae if "compiled" in row]
     if compiled:
         lines += [

@@ -121,3 +121,13 @@ def test_stack_keeps_dtype_and_shapes():
     y, ld = planar_stack_forward(z, packed, True, SLACK)
     assert y.shape == (3, 2) and ld.shape == (3,)
     assert y.dtype == ld.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "k,expected", [(1, 1), (10, 10), (20, 20), (21, 11), (30, 15), (41, 14), (80, 20)]
+)
+def test_blocks_are_equal_and_at_most_block(k, expected):
+    size = planar_stack.block_size(k)
+    assert size == expected
+    blocks = -(-k // size)
+    assert size <= planar_stack.BLOCK and blocks * size - k < blocks  # nearly equal blocks
