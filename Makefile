@@ -3,7 +3,7 @@ PYTHON ?= python
 FLOWVAE ?= $(PYTHON) -m flowvae
 RUN ?= runs/energy-U1-planar-k32
 
-.PHONY: setup install train test test-fast lint format bench figure3 mnist-quick mnist-results
+.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results
 
 setup: install train
 
@@ -37,6 +37,14 @@ format:
 
 bench:
 	$(PYTHON) benchmarks/run.py
+
+# On a CUDA machine, one pass of what needs the GPU: the CUDA tests, then the benchmark on the
+# card (planar K = 0, 10, 80 eager and compiled), a few minutes in all.
+gpu-check:
+	$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device (torch.cuda.is_available() is False)')"
+	$(PYTHON) -m pytest -q -k cuda
+	$(PYTHON) benchmarks/run.py --device cuda --ks 0,10,80 \
+		--seconds-per-item 6 --out benchmarks/results-cuda.md
 
 mnist-quick:
 	$(FLOWVAE) train --config configs/mnist_quick.yaml

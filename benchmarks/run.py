@@ -20,8 +20,8 @@ untimed call: on CPU the growth of the resident set over a few steps (VmHWM, res
 VmRSS before the first step; glibc is told to mmap every allocation of 64 KiB or more, so freed
 tensors leave the resident set instead of being reused from the heap left by data loading), on
 CUDA torch.cuda.max_memory_allocated minus the memory allocated before the first step. That is
-a step's working memory: activations, gradients and temporaries; the weights, the optimiser
-state and the data are resident before it.
+a step's working memory, activations and temporaries; the weights, the optimiser state, the data
+and the gradients left by the untimed call are resident before it.
 
     python benchmarks/run.py                      # full run (~20 s per item per default)
     python benchmarks/run.py --quick --ks 0,10    # smoke test, well under two minutes

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowvae.flows import planar_kernel
 from flowvae.flows.base import Flow, batch_dot
 from flowvae.flows.planar_fused import planar_forward_fused
 from flowvae.flows.planar_stack import BLOCK, MAX_COUPLING_ELEMENTS, planar_stack_forward
@@ -157,10 +158,8 @@ class Planar(Flow):
     ) -> tuple[Tensor, Tensor] | None:
         first = layers[0]
         k = len(layers)
-        if (
-            not FUSED
-            or any((x.scaled_offset, x.shift) != (first.scaled_offset, first.shift) for x in layers)
-            or z.shape[0] * k * min(k, BLOCK) > MAX_COUPLING_ELEMENTS
+        if not FUSED or any(
+            (x.scaled_offset, x.shift) != (first.scaled_offset, first.shift) for x in layers
         ):
             return None
         if first.amortized:
@@ -170,6 +169,14 @@ class Planar(Flow):
                 [torch.stack([getattr(x, name) for x in layers]) for name in ("u", "w", "b")],
                 dim=-1,
             ).unsqueeze(0)
+        # On the CPU the compiled kernel; elsewhere (CUDA, torch.compile, no C compiler) the
+        # batched PyTorch recursion, unless its coupling matrices would not fit.
+        if planar_kernel.usable(z, packed):
+            return planar_kernel.planar_kernel_forward(
+                z, packed, first.scaled_offset, SLACK, first.shift
+            )
+        if z.shape[0] * k * min(k, BLOCK) > MAX_COUPLING_ELEMENTS:
+            return None
         return planar_stack_forward(z, packed, first.scaled_offset, SLACK, first.shift)
 
     @classmethod

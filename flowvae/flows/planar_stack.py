@@ -38,6 +38,7 @@ def block_size(k: int, most: int = BLOCK) -> int:
     blocks = -(-k // most)
     return -(-k // max(1, blocks))
 
+
 #: Largest B·K·BLOCK (coupling matrices kept for the backward pass) for which the stacked path
 #: is used; beyond it (deep stacks on very large batches) the layers run one by one.
 MAX_COUPLING_ELEMENTS = 1 << 24

@@ -1,0 +1,192 @@
+"""The compiled CPU planar kernel (planar_kernel.py, planar_cpu.c) against the layers run one by
+one with the reference autograd ops, and its build, switch and fallbacks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flowvae import flows
+from flowvae.flows import planar_kernel
+from flowvae.flows.planar import IDENTITY_SHIFT, SLACK, Planar, planar_forward
+
+needs_kernel = pytest.mark.skipif(
+    planar_kernel.library() is None, reason=f"planar kernel {planar_kernel.status()}"
+)
+
+
+def _layer_by_layer(z, packed, scaled, shift):
+    d = z.shape[-1]
+    total = z.new_zeros(z.shape[0])
+    for k in range(packed.shape[1]):
+        p = packed[:, k]
+        z, ld = planar_forward(z, p[:, :d], p[:, d : 2 * d], p[:, 2 * d :], scaled, shift)
+        total = total + ld
+    return z, total
+
+
+def _kernel(scaled, shift):
+    return lambda z, p: planar_kernel.planar_kernel_forward(z, p, scaled, SLACK, shift)
+
+
+def _values_and_grads(fn, z, packed, gy, gld):
+    y, ld = fn(z, packed)
+    grads = torch.autograd.grad((y * gy).sum() + (ld * gld).sum(), (z, packed))
+    return y, ld, grads
+
+
+def _assert_agree(got, ref):
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-11, atol=1e-11)
+    for g_got, g_ref in zip(got[2], ref[2], strict=True):
+        # Sums of the same terms in another order: with large parameters single gradient
+        # entries are differences of much larger terms, so the tolerance follows their scale.
+        scale_g = float(g_ref.abs().max())
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-7, atol=1e-9 * (1.0 + scale_g))
+
+
+def test_the_kernel_builds_where_there_is_a_c_compiler():
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    if os.environ.get("FLOWVAE_PLANAR_KERNEL", "1") == "0":
+        pytest.skip("switched off by FLOWVAE_PLANAR_KERNEL=0")
+    assert planar_kernel.library() is not None, planar_kernel.status()
+    assert planar_kernel.status() == "compiled C"
+
+
+@needs_kernel
+@pytest.mark.parametrize("scaled", [True, False])
+@pytest.mark.parametrize("batch_params", [1, 6], ids=["global", "amortised"])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 4.0])
+@pytest.mark.parametrize("shift", [0.0, IDENTITY_SHIFT])
+@pytest.mark.parametrize("k,dim", [(1, 5), (7, 2), (20, 5), (3, 40)])
+def test_kernel_matches_layers_values_and_gradients(scaled, batch_params, scale, shift, k, dim):
+    gen = torch.Generator().manual_seed(k * 100 + dim)
+    z = torch.randn(6, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    packed = scale * torch.randn(batch_params, k, 2 * dim + 1, generator=gen, dtype=torch.float64)
+    packed.requires_grad_()
+    gy = torch.randn(6, dim, generator=gen, dtype=torch.float64)
+    gld = torch.randn(6, generator=gen, dtype=torch.float64)
+    ref = _values_and_grads(lambda z, p: _layer_by_layer(z, p, scaled, shift), z, packed, gy, gld)
+    got = _values_and_grads(_kernel(scaled, shift), z, packed, gy, gld)
+    _assert_agree(got, ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", range(4), ids=["tiny_w", "wu_plus", "wu_minus", "huge_b"])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_kernel_on_adversarial_parameters(case, scaled):
+    dim, batch, k = 5, 6, 3
+    layers = [p.reshape(batch, 1, -1) for p in Planar.stress_params(dim, batch, torch.float64)]
+    packed = layers[case].repeat(1, k, 1).requires_grad_()
+    gen = torch.Generator().manual_seed(case)
+    z = torch.randn(batch, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    gld = torch.randn(batch, generator=gen, dtype=torch.float64)
+    got = _values_and_grads(_kernel(scaled, 0.0), z, packed, gy, gld)
+    assert all(torch.isfinite(x).all() for x in (got[0], got[1], *got[2]))
+    ref = _values_and_grads(lambda z, p: _layer_by_layer(z, p, scaled, 0.0), z, packed, gy, gld)
+    _assert_agree(got, ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch_params", [1, 4], ids=["global", "amortised"])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_kernel_gradcheck(batch_params, scaled):
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    packed = torch.randn(batch_params, 5, 7, generator=gen, dtype=torch.float64)
+    packed.requires_grad_()
+    assert torch.autograd.gradcheck(_kernel(scaled, 0.0), (z, packed), eps=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_float32_follows_float64():
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(16, 40, generator=gen, dtype=torch.float64)
+    packed = 0.1 * torch.randn(16, 80, 81, generator=gen, dtype=torch.float64)
+    y64, ld64 = planar_kernel.planar_kernel_forward(z, packed, True, SLACK)
+    y32, ld32 = planar_kernel.planar_kernel_forward(z.float(), packed.float(), True, SLACK)
+    assert y32.dtype == ld32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ld32.double(), ld64, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_inference_mode_gives_the_same_values_and_keeps_no_graph():
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(5, 4, generator=gen)
+    packed = torch.randn(5, 6, 9, generator=gen).requires_grad_()
+    y, ld = planar_kernel.planar_kernel_forward(z, packed, True, SLACK)
+    with torch.inference_mode():
+        y_inf, ld_inf = planar_kernel.planar_kernel_forward(z, packed, True, SLACK)
+    assert y_inf.grad_fn is None and not y_inf.requires_grad
+    torch.testing.assert_close(y_inf, y.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(ld_inf, ld.detach(), rtol=0, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("amortized", [True, False])
+def test_flowstack_runs_the_kernel_on_cpu_and_agrees_with_the_layers(monkeypatch, amortized):
+    torch.manual_seed(0)
+    stack = flows.build("planar", 4, 9, amortized=amortized).double()
+    z = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    params = torch.randn(8, stack.num_params, dtype=torch.float64) if amortized else None
+    y, ld = stack(z, params)
+    assert type(y.grad_fn).__name__ == "PlanarKernelFunctionBackward"
+    (y.sum() + ld.sum()).backward()
+    g_kernel = [p.grad.clone() for p in stack.parameters()] + [z.grad.clone()]
+    monkeypatch.setattr("flowvae.flows.planar.FUSED", False)
+    stack.zero_grad()
+    z.grad = None
+    y_ref, ld_ref = stack(z, params)
+    assert "PlanarKernel" not in type(y_ref.grad_fn).__name__
+    (y_ref.sum() + ld_ref.sum()).backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(ld, ld_ref)
+    g_ref = [p.grad for p in stack.parameters()] + [z.grad]
+    for a, b in zip(g_kernel, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _status_in_subprocess(env: dict) -> dict:
+    code = (
+        "import json, torch\n"
+        "from flowvae import flows\n"
+        "from flowvae.flows import planar_kernel\n"
+        "stack = flows.build('planar', 3, 4)\n"
+        "y, ld = stack(torch.randn(5, 3))\n"
+        "print(json.dumps({'status': planar_kernel.status(),\n"
+        "                  'node': type(y.grad_fn).__name__,\n"
+        "                  'finite': bool(torch.isfinite(y).all() and torch.isfinite(ld).all())}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_kernel
+def test_first_use_builds_into_a_fresh_cache(tmp_path):
+    out = _status_in_subprocess({"FLOWVAE_CACHE": str(tmp_path)})
+    assert out == {"status": "compiled C", "node": "PlanarKernelFunctionBackward", "finite": True}
+    built = list((tmp_path / "flowvae").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so", built  # no temporary files left
+
+
+def test_switched_off_or_unbuildable_falls_back_to_pytorch(tmp_path):
+    off = _status_in_subprocess({"FLOWVAE_PLANAR_KERNEL": "0"})
+    assert off["status"].startswith("off") and off["finite"]
+    assert off["node"] == "PlanarStackFunctionBackward"
+    broken = _status_in_subprocess({"FLOWVAE_CACHE": str(tmp_path), "CC": "false"})
+    assert broken["status"].startswith("unavailable") and broken["finite"], broken
+    assert broken["node"] == "PlanarStackFunctionBackward"
