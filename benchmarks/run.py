@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from flowvae import distributed  # noqa: E402
 from flowvae.config import load_config  # noqa: E402
 from flowvae.experiment import anneal_beta, build_experiment  # noqa: E402
+from flowvae.flows import planar_kernel  # noqa: E402
 from flowvae.runs import MAX_ROWS  # noqa: E402
 from flowvae.train import (  # noqa: E402
     deferred_guard,
@@ -495,6 +496,8 @@ def machine_info(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["planar_kernel"] = planar_kernel.status()
     return info
 
 

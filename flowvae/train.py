@@ -477,6 +477,10 @@ def write_run_info(
         "torch": torch.__version__,
         "flowvae": __version__,
     }
+    if device.type == "cpu" and cfg.flow.name == "planar" and cfg.flow.k > 0:
+        from flowvae.flows import planar_kernel
+
+        info["planar_kernel"] = planar_kernel.status()
     (out_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 

@@ -210,8 +210,10 @@ def test_log_det_matches_autograd_jacobian(name, mode, dim, case, huge):
                     f"{logabs.item():.12g} (error {err:.2e})"
                 )
             x, total = x_next, total + layer_log_det
-        assert_close_scaled(z_out, x, 1e-12, "stack output vs its layers in turn")
-        assert_close_scaled(log_det, total, 1e-12, "stack log-det vs the sum of its layers'")
+        # A family may run its stack as one fused node (planar: compiled C on the CPU) whose
+        # rounding differs from the layers'; the stress cases' wᵀu = ±1e4 cancels 4 digits in û.
+        assert_close_scaled(z_out, x, 1e-10, "stack output vs its layers in turn")
+        assert_close_scaled(log_det, total, 1e-10, "stack log-det vs the sum of its layers'")
 
 
 # -- 2. parameter constraints (the only family-specific table) -----------------------------------

@@ -9,44 +9,19 @@ import sys
 
 import pytest
 import torch
+from planar_reference import assert_agree, layer_by_layer, values_and_grads
 
 from flowvae import flows
 from flowvae.flows import planar_kernel
-from flowvae.flows.planar import IDENTITY_SHIFT, SLACK, Planar, planar_forward
+from flowvae.flows.planar import IDENTITY_SHIFT, SLACK, Planar
 
 needs_kernel = pytest.mark.skipif(
     planar_kernel.library() is None, reason=f"planar kernel {planar_kernel.status()}"
 )
 
 
-def _layer_by_layer(z, packed, scaled, shift):
-    d = z.shape[-1]
-    total = z.new_zeros(z.shape[0])
-    for k in range(packed.shape[1]):
-        p = packed[:, k]
-        z, ld = planar_forward(z, p[:, :d], p[:, d : 2 * d], p[:, 2 * d :], scaled, shift)
-        total = total + ld
-    return z, total
-
-
 def _kernel(scaled, shift):
     return lambda z, p: planar_kernel.planar_kernel_forward(z, p, scaled, SLACK, shift)
-
-
-def _values_and_grads(fn, z, packed, gy, gld):
-    y, ld = fn(z, packed)
-    grads = torch.autograd.grad((y * gy).sum() + (ld * gld).sum(), (z, packed))
-    return y, ld, grads
-
-
-def _assert_agree(got, ref):
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(got[1], ref[1], rtol=1e-11, atol=1e-11)
-    for g_got, g_ref in zip(got[2], ref[2], strict=True):
-        # Sums of the same terms in another order: with large parameters single gradient
-        # entries are differences of much larger terms, so the tolerance follows their scale.
-        scale_g = float(g_ref.abs().max())
-        torch.testing.assert_close(g_got, g_ref, rtol=1e-7, atol=1e-9 * (1.0 + scale_g))
 
 
 def test_the_kernel_builds_where_there_is_a_c_compiler():
@@ -71,9 +46,9 @@ def test_kernel_matches_layers_values_and_gradients(scaled, batch_params, scale,
     packed.requires_grad_()
     gy = torch.randn(6, dim, generator=gen, dtype=torch.float64)
     gld = torch.randn(6, generator=gen, dtype=torch.float64)
-    ref = _values_and_grads(lambda z, p: _layer_by_layer(z, p, scaled, shift), z, packed, gy, gld)
-    got = _values_and_grads(_kernel(scaled, shift), z, packed, gy, gld)
-    _assert_agree(got, ref)
+    ref = values_and_grads(lambda z, p: layer_by_layer(z, p, scaled, shift), z, packed, gy, gld)
+    got = values_and_grads(_kernel(scaled, shift), z, packed, gy, gld)
+    assert_agree(got, ref)
 
 
 @needs_kernel
@@ -87,10 +62,10 @@ def test_kernel_on_adversarial_parameters(case, scaled):
     z = torch.randn(batch, dim, generator=gen, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
     gld = torch.randn(batch, generator=gen, dtype=torch.float64)
-    got = _values_and_grads(_kernel(scaled, 0.0), z, packed, gy, gld)
+    got = values_and_grads(_kernel(scaled, 0.0), z, packed, gy, gld)
     assert all(torch.isfinite(x).all() for x in (got[0], got[1], *got[2]))
-    ref = _values_and_grads(lambda z, p: _layer_by_layer(z, p, scaled, 0.0), z, packed, gy, gld)
-    _assert_agree(got, ref)
+    ref = values_and_grads(lambda z, p: layer_by_layer(z, p, scaled, 0.0), z, packed, gy, gld)
+    assert_agree(got, ref)
 
 
 @needs_kernel
