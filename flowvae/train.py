@@ -10,6 +10,7 @@ import platform
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,6 +231,13 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
 def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     return 2 * 3 * n + 8 * 2**20  # last + best, each with two optimiser moments, plus slack
+
+
+# The schedule steps on skipped (non-finite) steps too, so a run whose first step is skipped
+# steps it before the optimizer has ever stepped; that is intended, not the misuse torch warns of.
+warnings.filterwarnings(
+    "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+)
 
 
 def train(
