@@ -156,6 +156,17 @@ def signals_caught():
 
 
 @contextmanager
+def schedule_may_lead():
+    """The schedule steps on skipped (non-finite) steps too, so a run whose first step is skipped
+    steps it before the optimizer ever has: intended here, not the misuse torch warns of."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer"
+        )
+        yield
+
+
+@contextmanager
 def held_out_rng(seed: int, device: torch.device):
     """Validation draws from its own seeded stream: the training stream is untouched (so resume
     is exact) and every validation uses the same noise (so scores are comparable)."""
@@ -231,13 +242,6 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
 def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     return 2 * 3 * n + 8 * 2**20  # last + best, each with two optimiser moments, plus slack
-
-
-# The schedule steps on skipped (non-finite) steps too, so a run whose first step is skipped
-# steps it before the optimizer has ever stepped; that is intended, not the misuse torch warns of.
-warnings.filterwarnings(
-    "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
-)
 
 
 def train(
@@ -352,7 +356,7 @@ def train(
         transient=False,
     )
     try:
-        with signals_caught() as caught, bar:
+        with signals_caught() as caught, bar, schedule_may_lead():
             task = bar.add_task("train", total=t.steps, completed=step, info="")
             while step < t.steps:
                 beta = anneal_beta(step, t.anneal_steps)
