@@ -37,8 +37,12 @@ _status: str | None = None
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FLOWVAE_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    return Path(root) / "flowvae" if root else Path.home() / ".cache" / "flowvae"
+    """Where the built library lives: $FLOWVAE_CACHE, else $XDG_CACHE_HOME/flowvae, else
+    ~/.cache/flowvae."""
+    if os.environ.get("FLOWVAE_CACHE"):
+        return Path(os.environ["FLOWVAE_CACHE"])
+    root = os.environ.get("XDG_CACHE_HOME")
+    return (Path(root) if root else Path.home() / ".cache") / "flowvae"
 
 
 def _compiler() -> str | None:
