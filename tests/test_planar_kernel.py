@@ -14,6 +14,8 @@ from planar_reference import assert_agree, layer_by_layer, values_and_grads
 from flowvae import flows
 from flowvae.flows import planar_kernel
 from flowvae.flows.planar import IDENTITY_SHIFT, SLACK, Planar
+from flowvae.flows.planar_fused import planar_forward_fused
+from flowvae.flows.planar_stack import planar_stack_forward
 
 needs_kernel = pytest.mark.skipif(
     planar_kernel.library() is None, reason=f"planar kernel {planar_kernel.status()}"
@@ -165,3 +167,89 @@ def test_switched_off_or_unbuildable_falls_back_to_pytorch(tmp_path):
     broken = _status_in_subprocess({"FLOWVAE_CACHE": str(tmp_path), "CC": "false"})
     assert broken["status"].startswith("unavailable") and broken["finite"], broken
     assert broken["node"] == "PlanarStackFunctionBackward"
+
+
+@needs_kernel
+def test_a_foreign_or_truncated_library_in_the_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWVAE_CACHE", str(tmp_path))
+    path = planar_kernel.library_path(planar_kernel._compiler())
+    path.write_bytes(b"\x7fELF truncated")
+    handle = planar_kernel._build()
+    assert handle.planar_abi_version() == planar_kernel.ABI_VERSION
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "z_shape,p_shape,dtype",
+    [
+        ((4, 3), (4, 2, 6), torch.float64),  # last axis is not 2D + 1
+        ((4, 3), (2, 2, 7), torch.float64),  # neither one parameter row nor one per row
+        ((4, 3), (4, 14), torch.float64),  # not (P, K, 2D + 1)
+        ((4, 3), (4, 2, 7), torch.float16),  # no half-precision kernel
+    ],
+)
+def test_mismatched_inputs_are_a_clear_error_not_a_crash(z_shape, p_shape, dtype):
+    z = torch.randn(z_shape, dtype=torch.float64)
+    params = torch.randn(p_shape, dtype=torch.float64).to(dtype)
+    assert not planar_kernel.usable(z, params)
+    with pytest.raises(ValueError, match="planar kernel: expected"):
+        planar_kernel.planar_kernel_forward(z, params, True, SLACK)
+
+
+def test_a_flow_stack_rejects_z_of_the_wrong_width():
+    stack = flows.build("planar", 4, 9)
+    with pytest.raises(ValueError, match=r"expected z of shape \(B, 4\), got \(3, 300000\)"):
+        stack(torch.randn(3, 300000))
+
+
+@pytest.mark.parametrize("path", ["kernel", "stack", "layer"])
+def test_double_backward_is_refused_not_wrong(path, monkeypatch):
+    if path == "kernel" and planar_kernel.library() is None:
+        pytest.skip(f"planar kernel {planar_kernel.status()}")
+    if path != "kernel":
+        monkeypatch.setattr("flowvae.flows.planar_kernel.usable", lambda z, p: False)
+    stack = flows.build("planar", 2, 1 if path == "layer" else 3).double()
+    z = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    if path == "layer":
+        y, ld = stack.layers[0](z)
+    else:
+        y, ld = stack(z)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(ld.sum(), z, create_graph=True)
+
+
+@pytest.mark.parametrize("path", ["kernel", "stack", "layer"])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_clamped_w_norm_passes_no_gradient_like_the_reference(path, scaled, monkeypatch):
+    """‖w‖² below the smallest normal number is clamped; the clamp's gradient is zero, which
+    every fused path must reproduce (else inf/NaN gradients for w)."""
+    if path == "kernel" and planar_kernel.library() is None:
+        pytest.skip(f"planar kernel {planar_kernel.status()}")
+    dim = 2
+    u = torch.tensor([[0.5, 0.1]], dtype=torch.float64)
+    w = torch.tensor([[1e-160, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[0.7]], dtype=torch.float64)
+    packed = torch.cat([u, w, b], dim=1).unsqueeze(1).repeat(3, 1, 1).requires_grad_()
+    z = torch.tensor([[0.3, -0.2], [1.0, 0.4], [-0.5, 2.0]], dtype=torch.float64)
+    z.requires_grad_()
+    gy = torch.ones(3, dim, dtype=torch.float64)
+    gld = torch.ones(3, dtype=torch.float64)
+    ref = values_and_grads(lambda z, p: layer_by_layer(z, p, scaled, 0.0), z, packed, gy, gld)
+    if path == "kernel":
+        fn = _kernel(scaled, 0.0)
+    elif path == "stack":
+        fn = lambda z, p: planar_stack_forward(z, p, scaled, SLACK, 0.0)  # noqa: E731
+    else:
+
+        def fn(z, p):
+            d = z.shape[-1]
+            q = p[:, 0]
+            return planar_forward_fused(z, q[:, :d], q[:, d : 2 * d], q[:, 2 * d :], scaled, SLACK)
+
+    got = values_and_grads(fn, z, packed, gy, gld)
+    assert all(torch.isfinite(g).all() for g in got[2]), got[2]
+    assert all(torch.isfinite(g).all() for g in ref[2]), ref[2]
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=1e-11)
+    for g_got, g_ref in zip(got[2], ref[2], strict=True):
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=0.0)

@@ -169,8 +169,9 @@ class Planar(Flow):
                 [torch.stack([getattr(x, name) for x in layers]) for name in ("u", "w", "b")],
                 dim=-1,
             ).unsqueeze(0)
-        # On the CPU the compiled kernel; elsewhere (CUDA, torch.compile, no C compiler) the
-        # batched PyTorch recursion, unless its coupling matrices would not fit.
+        # On the CPU the compiled kernel (under torch.compile too, between compiled graphs);
+        # elsewhere (CUDA, no C compiler) the batched PyTorch recursion, unless its coupling
+        # matrices would not fit.
         if planar_kernel.usable(z, packed):
             return planar_kernel.planar_kernel_forward(
                 z, packed, first.scaled_offset, SLACK, first.shift

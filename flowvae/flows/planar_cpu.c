@@ -119,10 +119,11 @@ int NAME(planar_backward)(int64_t B, int64_t P, int64_t K, int64_t D, const REAL
                           const REAL *wu, int scaled, double shift, REAL *g_z, REAL *g_params) {
     const int64_t stride = 2 * D + 1;
     /* ∂L/∂û, the direct part of ∂L/∂w, ∂L/∂off and ∂L/∂s per layer, summed over rows. */
-    REAL *g_uhat = calloc((size_t)(P * K * D), sizeof(REAL));
-    REAL *g_wdir = calloc((size_t)(P * K * D), sizeof(REAL));
-    REAL *g_off = calloc((size_t)(P * K), sizeof(REAL));
-    REAL *g_s = calloc((size_t)(P * K), sizeof(REAL));
+    /* (calloc of 0 bytes may return NULL: ask for at least one element.) */
+    REAL *g_uhat = calloc((size_t)(P * K * D) + 1, sizeof(REAL));
+    REAL *g_wdir = calloc((size_t)(P * K * D) + 1, sizeof(REAL));
+    REAL *g_off = calloc((size_t)(P * K) + 1, sizeof(REAL));
+    REAL *g_s = calloc((size_t)(P * K) + 1, sizeof(REAL));
     if (!g_uhat || !g_wdir || !g_off || !g_s) {
         free(g_uhat), free(g_wdir), free(g_off), free(g_s);
         return -1;
@@ -164,6 +165,8 @@ int NAME(planar_backward)(int64_t B, int64_t P, int64_t K, int64_t D, const REAL
             g_b = g_off[pk] * n;
             g_wsq += g_off[pk] * b / ((REAL)2 * n);
         }
+        /* Where ‖w‖² was clamped up to the smallest normal number the clamp passes no gradient. */
+        if (NAME(dot)(w, w, D) < REAL_TINY) g_wsq = 0;
         REAL *out_u = g_params + pk * stride, *out_w = out_u + D;
         for (int64_t i = 0; i < D; ++i) {
             out_u[i] = gu[i] + g_wu * w[i];

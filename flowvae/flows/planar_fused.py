@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 
 class PlanarFunction(torch.autograd.Function):
@@ -24,7 +23,9 @@ class PlanarFunction(torch.autograd.Function):
     ):
         wu = (w * u).sum(-1, keepdim=True)
         s = F.softplus(wu + shift) + slack
-        wsq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        raw = (w * w).sum(-1, keepdim=True)
+        live = raw >= torch.finfo(w.dtype).tiny  # where the clamp below passes gradient
+        wsq = raw.clamp_min(torch.finfo(w.dtype).tiny)
         c = (s - 1.0 - wu) / wsq
         u_hat = torch.addcmul(u, c, w)
         a = (z * w).sum(-1, keepdim=True)
@@ -35,13 +36,16 @@ class PlanarFunction(torch.autograd.Function):
         dn = torch.addcmul(t * t, s, h)
         y = torch.addcmul(z, u_hat, t)
         ctx.scaled, ctx.shift = scaled, shift
-        ctx.save_for_backward(z, u, w, b, wu, s, wsq, c, u_hat, t, h, dn, n if scaled else wsq)
+        ctx.save_for_backward(
+            z, u, w, b, wu, s, wsq, c, u_hat, t, h, dn, n if scaled else wsq, live
+        )
         return y, torch.log(dn).squeeze(-1).expand(z.shape[0])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
-        z, u, w, b, wu, s, wsq, c, u_hat, t, h, dn, n = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: this backward has no backward of its own
+            raise RuntimeError("planar layers have no double backward (create_graph=True)")
+        z, u, w, b, wu, s, wsq, c, u_hat, t, h, dn, n, live = ctx.saved_tensors
         g_ld = g_ld.unsqueeze(-1)
         g_ld_dn = g_ld / dn
         # ld = log(1 + (s - 1)·h): ∂ld/∂t = 2t(1 - s)/dn, ∂ld/∂s = h/dn
@@ -58,6 +62,7 @@ class PlanarFunction(torch.autograd.Function):
             g_wsq = g_wsq + g_a * b / (2.0 * n)
         else:
             g_b = g_a
+        g_wsq = torch.where(live, g_wsq, 0.0)
         g_u = torch.addcmul(g_uhat, g_wu, w)
         g_w = g_a * z + c * g_uhat + g_wu * u + 2.0 * g_wsq * w
         return (

@@ -18,17 +18,20 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("planar_cpu.c")
-FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-march=native")
+#: Portable code for the machine's architecture (no -march=native: a cache in a shared home
+#: directory may be loaded on another CPU model).
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno")
 ABI_VERSION = 1
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -45,42 +48,42 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache") / "flowvae"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The compiler command: $CC (split like a shell would: "gcc -m64"), else cc, gcc, clang."""
+    if os.environ.get("CC"):
+        cmd = shlex.split(os.environ["CC"])
+        return [shutil.which(cmd[0]) or cmd[0], *cmd[1:]] if cmd else None
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [shutil.which(name)]
     return None
 
 
-def _build() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc/clang)")
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((cc, FLAGS, platform.machine(), sys.platform)).encode()
-    ).hexdigest()[:16]
-    lib = cache_dir() / f"planar_cpu-{key}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        # Built beside its final name and renamed: processes starting together (torchrun
-        # ranks, parallel tests) never load a half-written library.
-        tmp = lib.with_name(f"{lib.stem}.{os.getpid()}.tmp.so")
-        try:
-            done = subprocess.run(
-                [cc, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-            os.replace(tmp, lib)
-        finally:
-            tmp.unlink(missing_ok=True)
+def _compile(cc: list[str], lib: Path) -> None:
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a unique name beside the final one and renamed: processes starting together
+    # (torchrun ranks, parallel tests) never load a half-written library.
+    fd, tmp = tempfile.mkstemp(prefix=f"{lib.stem}.", suffix=".tmp.so", dir=lib.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [*cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, lib)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load(lib: Path) -> ctypes.CDLL:
     handle = ctypes.CDLL(str(lib))
     handle.planar_abi_version.restype = ctypes.c_int64
     if handle.planar_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"{lib} has the wrong ABI version")
+        raise RuntimeError(f"{lib} has ABI version {handle.planar_abi_version()}")
     i64, ptr, f64, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for suffix in DTYPES.values():
         getattr(handle, f"planar_prep_{suffix}").argtypes = [i64] * 3 + [ptr, c_int, f64, f64]
@@ -90,6 +93,28 @@ def _build() -> ctypes.CDLL:
         backward.argtypes = [i64] * 4 + [ptr] * 10 + [c_int, f64, ptr, ptr]
         backward.restype = c_int
     return handle
+
+
+def library_path(cc: list[str]) -> Path:
+    """The cached build for this source, compiler, flags and platform."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + repr((cc, FLAGS, platform.machine(), sys.platform)).encode()
+    ).hexdigest()[:16]
+    return cache_dir() / f"planar_cpu-{key}.so"
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc/clang)")
+    lib = library_path(cc)
+    if lib.exists():
+        try:
+            return _load(lib)
+        except (OSError, AttributeError, RuntimeError):
+            pass  # truncated, foreign or stale: build it again
+    _compile(cc, lib)
+    return _load(lib)
 
 
 def library() -> ctypes.CDLL | None:
@@ -102,7 +127,7 @@ def library() -> ctypes.CDLL | None:
             try:
                 _lib = _build()
                 _status = "compiled C"
-            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
                 _status = f"unavailable ({err})"
     return _lib
 
@@ -113,17 +138,22 @@ def status() -> str:
     return _status or ""
 
 
-def usable(z: Tensor, params: Tensor) -> bool:
-    """The kernel takes this call: CPU float32/float64 tensors of one dtype."""
+def _fits(z: Tensor, params: Tensor) -> bool:
     return (
-        z.device.type == "cpu"
-        and params.device.type == "cpu"
+        z.device.type == params.device.type == "cpu"
+        and z.layout == params.layout == torch.strided
         and z.dtype in DTYPES
         and params.dtype == z.dtype
         and z.dim() == 2
+        and params.dim() == 3
         and params.shape[0] in (1, z.shape[0])
-        and library() is not None
+        and params.shape[2] == 2 * z.shape[1] + 1
     )
+
+
+def usable(z: Tensor, params: Tensor) -> bool:
+    """The kernel takes this call: CPU float32/float64 tensors of one dtype and fitting shapes."""
+    return _fits(z, params) and library() is not None
 
 
 def _p(t: Tensor | None) -> int | None:
@@ -154,8 +184,9 @@ class PlanarKernelFunction(torch.autograd.Function):
         return y, ld
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: this backward has no backward of its own
+            raise RuntimeError("the planar CPU kernel has no double backward (create_graph=True)")
         params, uhat, s, c, wsq, wu, zs, t = ctx.saved_tensors
         g_y, g_ld = g_y.contiguous(), g_ld.contiguous()
         (b, d), (p, k) = g_y.shape, params.shape[:2]
@@ -185,6 +216,12 @@ def planar_kernel_forward(
 
     ``params`` (B|1, K, 2D + 1) holds each layer's [u, w, b] as in the flat amortised layout.
     """
+    if not _fits(z, params):
+        raise ValueError(
+            "planar kernel: expected CPU float32/float64 z (B, D) and params (B or 1, K, 2D + 1) "
+            f"of one dtype, got z {tuple(z.shape)} {z.dtype} {z.device}, "
+            f"params {tuple(params.shape)} {params.dtype} {params.device}"
+        )
     if library() is None:
         raise RuntimeError(f"the planar CPU kernel is {status()}")
     keep = torch.is_grad_enabled() and (z.requires_grad or params.requires_grad)

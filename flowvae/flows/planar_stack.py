@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 #: Most layers per block: within a block the coupling matrix (cost B·m²·D) replaces forming z;
 #: between blocks z is formed once. K layers are cut into ceil(K / BLOCK) blocks of equal size.
@@ -75,7 +74,9 @@ class PlanarStackFunction(torch.autograd.Function):
         u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d :]
         wu = (w * u).sum(-1)  # (P, K)
         s = F.softplus(wu + shift if shift else wu) + slack
-        wsq = (w * w).sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+        raw = (w * w).sum(-1)
+        live = raw >= torch.finfo(w.dtype).tiny  # where the clamp below passes gradient
+        wsq = raw.clamp_min(torch.finfo(w.dtype).tiny)
         c = (s - 1.0 - wu) / wsq
         u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
         off = wsq.sqrt() * b[..., 0] if scaled else b[..., 0]
@@ -103,13 +104,14 @@ class PlanarStackFunction(torch.autograd.Function):
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s, h)
         ctx.scaled, ctx.shift, ctx.block, ctx.blocks = scaled, shift, block, saved
-        ctx.save_for_backward(u, w, b, wu, s, wsq, c, u_hat, t, h, dn)
+        ctx.save_for_backward(u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live)
         return z, torch.log(dn).sum(-1)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
-        u, w, b, wu, s, wsq, c, u_hat, t, h, dn = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: this backward has no backward of its own
+            raise RuntimeError("planar layers have no double backward (create_graph=True)")
+        u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live = ctx.saved_tensors
         block, blocks = ctx.block, ctx.blocks
         shared = u.shape[0] == 1 and g_y.shape[0] != 1
         g_ld_dn = g_ld.unsqueeze(-1) / dn  # (B, K)
@@ -155,6 +157,7 @@ class PlanarStackFunction(torch.autograd.Function):
             g_wsq = g_wsq + g_off * b[..., 0] / (2.0 * n)
         else:
             g_b = g_off
+        g_wsq = torch.where(live, g_wsq, 0.0)
         g_u = torch.addcmul(g_uhat, g_wu.unsqueeze(-1), w)
         g_w = torch.addcmul(g_w, c.unsqueeze(-1), g_uhat)
         g_w = torch.addcmul(g_w, g_wu.unsqueeze(-1), u)

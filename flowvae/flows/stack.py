@@ -49,6 +49,8 @@ class FlowStack(nn.Module):
         return list(torch.split(params, self.sizes, dim=1))
 
     def forward(self, z: Tensor, params: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if z.dim() != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"expected z of shape (B, {self.dim}), got {tuple(z.shape)}")
         if self._family is not None:
             self.check(params)
             fused = self._family.stack_forward(self.layers, z, params)
