@@ -56,6 +56,7 @@ from flowvae.experiment import anneal_beta, build_experiment  # noqa: E402
 from flowvae.flows import planar_kernel  # noqa: E402
 from flowvae.runs import MAX_ROWS  # noqa: E402
 from flowvae.train import (  # noqa: E402
+    cpu_model,
     deferred_guard,
     gradient_norm,
     make_optimizer,
@@ -445,16 +446,6 @@ def measure_memory(spec: dict, args) -> dict | None:
 
 
 # -- machine ------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_revision() -> str:

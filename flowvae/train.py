@@ -463,18 +463,21 @@ def train(
     return RunResult(out_dir, step, best, last_metrics, seconds)
 
 
-def hardware_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return platform.processor() or platform.machine()
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def write_run_info(
