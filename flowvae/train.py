@@ -3,6 +3,7 @@ periodic validation, atomic checkpoints, resume, NaN guard and clean interruptio
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -456,6 +457,12 @@ def train(
     finally:
         if log is not None:
             log.close()
+        if shard.world > 1:
+            # Free the DDP wrapper while the process group is still registered. Freed after it,
+            # its reducer held the group's last reference and destroyed it with the GIL held,
+            # which deadlocked against a gloo worker thread waiting for the GIL (seen at exit).
+            experiment.forward_model = model
+            gc.collect()
         distributed.finish()
     seconds = time.perf_counter() - start_time
     if main:
