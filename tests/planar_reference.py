@@ -33,3 +33,11 @@ def assert_agree(got, ref):
         # entries are differences of much larger terms, so the tolerance follows their scale.
         scale_g = float(g_ref.abs().max())
         torch.testing.assert_close(g_got, g_ref, rtol=1e-7, atol=1e-9 * (1.0 + scale_g))
+
+
+def gradcheck_inputs(batch_params: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small float64 z (4, 3) and packed parameters (batch_params, 5, 7) for gradcheck."""
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    packed = torch.randn(batch_params, 5, 7, generator=gen, dtype=torch.float64)
+    return z, packed.requires_grad_()

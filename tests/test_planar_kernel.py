@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from planar_reference import assert_agree, layer_by_layer, values_and_grads
+from planar_reference import assert_agree, gradcheck_inputs, layer_by_layer, values_and_grads
 
 from flowvae import flows
 from flowvae.flows import planar_kernel
@@ -74,10 +74,7 @@ def test_kernel_on_adversarial_parameters(case, scaled):
 @pytest.mark.parametrize("batch_params", [1, 4], ids=["global", "amortised"])
 @pytest.mark.parametrize("scaled", [True, False])
 def test_kernel_gradcheck(batch_params, scaled):
-    gen = torch.Generator().manual_seed(5)
-    z = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    packed = torch.randn(batch_params, 5, 7, generator=gen, dtype=torch.float64)
-    packed.requires_grad_()
+    z, packed = gradcheck_inputs(batch_params)
     assert torch.autograd.gradcheck(_kernel(scaled, 0.0), (z, packed), eps=1e-6, atol=1e-6)
 
 

@@ -3,7 +3,7 @@ reference autograd ops: values, gradients of every input, and the fallbacks."""
 
 import pytest
 import torch
-from planar_reference import assert_agree, layer_by_layer, values_and_grads
+from planar_reference import assert_agree, gradcheck_inputs, layer_by_layer, values_and_grads
 
 from flowvae import flows
 from flowvae.flows import planar_stack
@@ -36,10 +36,7 @@ def test_stack_matches_layers_values_and_gradients(scaled, batch_params, scale, 
 @pytest.mark.parametrize("batch_params", [1, 4], ids=["global", "amortised"])
 @pytest.mark.parametrize("scaled", [True, False])
 def test_stack_gradcheck(batch_params, scaled):
-    gen = torch.Generator().manual_seed(5)
-    z = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    packed = torch.randn(batch_params, 5, 7, generator=gen, dtype=torch.float64)
-    packed.requires_grad_()
+    z, packed = gradcheck_inputs(batch_params)
     assert torch.autograd.gradcheck(
         lambda z, p: planar_stack_forward(z, p, scaled, SLACK, 0.0, 2),
         (z, packed),

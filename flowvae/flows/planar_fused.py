@@ -16,6 +16,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def clamped_norm_sq(w: Tensor, keepdim: bool = False) -> tuple[Tensor, Tensor]:
+    """‖w‖² clamped up to the smallest normal number, and where the clamp passes gradient."""
+    raw = (w * w).sum(-1, keepdim=keepdim)
+    tiny = torch.finfo(w.dtype).tiny
+    return raw.clamp_min(tiny), raw >= tiny
+
+
+def refuse_double_backward() -> None:
+    """Called first in a hand-written backward: with create_graph=True it would run under grad
+    mode and return a gradient with no second-order part, so say so instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("planar layers have no double backward (create_graph=True)")
+
+
 class PlanarFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -23,9 +37,7 @@ class PlanarFunction(torch.autograd.Function):
     ):
         wu = (w * u).sum(-1, keepdim=True)
         s = F.softplus(wu + shift) + slack
-        raw = (w * w).sum(-1, keepdim=True)
-        live = raw >= torch.finfo(w.dtype).tiny  # where the clamp below passes gradient
-        wsq = raw.clamp_min(torch.finfo(w.dtype).tiny)
+        wsq, live = clamped_norm_sq(w, keepdim=True)
         c = (s - 1.0 - wu) / wsq
         u_hat = torch.addcmul(u, c, w)
         a = (z * w).sum(-1, keepdim=True)
@@ -43,8 +55,7 @@ class PlanarFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: this backward has no backward of its own
-            raise RuntimeError("planar layers have no double backward (create_graph=True)")
+        refuse_double_backward()
         z, u, w, b, wu, s, wsq, c, u_hat, t, h, dn, n, live = ctx.saved_tensors
         g_ld = g_ld.unsqueeze(-1)
         g_ld_dn = g_ld / dn

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowvae.flows.planar_fused import refuse_double_backward
+
 SOURCE = Path(__file__).with_name("planar_cpu.c")
 #: Portable code for the machine's architecture (no -march=native: a cache in a shared home
 #: directory may be loaded on another CPU model).
@@ -86,8 +88,8 @@ def _load(lib: Path) -> ctypes.CDLL:
         raise RuntimeError(f"{lib} has ABI version {handle.planar_abi_version()}")
     i64, ptr, f64, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for suffix in DTYPES.values():
-        getattr(handle, f"planar_prep_{suffix}").argtypes = [i64] * 3 + [ptr, c_int, f64, f64]
-        getattr(handle, f"planar_prep_{suffix}").argtypes += [ptr] * 6
+        prep = getattr(handle, f"planar_prep_{suffix}")
+        prep.argtypes = [i64] * 3 + [ptr, c_int, f64, f64] + [ptr] * 6
         getattr(handle, f"planar_forward_{suffix}").argtypes = [i64] * 4 + [ptr] * 9
         backward = getattr(handle, f"planar_backward_{suffix}")
         backward.argtypes = [i64] * 4 + [ptr] * 10 + [c_int, f64, ptr, ptr]
@@ -185,8 +187,7 @@ class PlanarKernelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: this backward has no backward of its own
-            raise RuntimeError("the planar CPU kernel has no double backward (create_graph=True)")
+        refuse_double_backward()
         params, uhat, s, c, wsq, wu, zs, t = ctx.saved_tensors
         g_y, g_ld = g_y.contiguous(), g_ld.contiguous()
         (b, d), (p, k) = g_y.shape, params.shape[:2]
