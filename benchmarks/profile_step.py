@@ -27,14 +27,8 @@ GROUPS = {
     "maxout (max_pool1d) forward": ("aten::max_pool2d_with_indices",),
     "Adam (fused)": ("aten::_fused_adam_",),
 }
-#: Total CPU time (own ops included) of the planar stack's forward and backward nodes: the
-#: compiled CPU kernel, or the PyTorch recursion where the kernel is not used.
-STACK = (
-    "PlanarKernelFunction",
-    "PlanarKernelFunctionBackward",
-    "PlanarStackFunction",
-    "PlanarStackFunctionBackward",
-)
+#: Total CPU time (own ops included) of the planar stack's forward and backward nodes.
+STACK = ("PlanarStackFunction", "PlanarStackFunctionBackward")
 
 
 def head_ms(k: int, batch: int = 100, hidden: int = 400, repeats: int = 50) -> float:

@@ -6,11 +6,11 @@ up, then timed in alternating blocks (A B B A A B ...) so that drift in the mach
 on both alike; the per-unit time of each block is recorded and the median is reported, with the
 range over blocks. Items:
 
-1. VAE training step on MNIST for each K (--ks): flowvae's loop body from flowvae.train.train
-   (train_loss, zero_grad, backward, gradient_norm, the finiteness sync, optimizer.step,
-   schedule.step), replicated here line by line, against ``baseline.make_baseline_step``.
-2. Importance-sampled -log p(x) for planar K=10 at S samples (--iw-samples): the code of
-   flowvae.runs.evaluate_vae (importance_nll on chunks of max_rows // S images under
+1. VAE training step on MNIST for each K (--ks): the library's own ``flowvae.train.train_step``
+   (the loss, backward, gradient norm, the non-finite guard, optimizer and schedule steps), as
+   the training loop calls it, against ``baseline.make_baseline_step``.
+2. Importance-sampled -log p(x) for planar K=10 at S samples (--iw-samples): one chunk of
+   `flowvae eval` (``sharded_importance_nll``: max_rows // S images under
    torch.inference_mode) against a for-loop over images with S samples each and logsumexp.
 3. Density matching, U1, planar K=32, 512 samples per step, one CPU thread (what flowvae.train
    uses for density runs): flowvae's DensityExperiment against a plain planar density fit.
@@ -50,19 +50,11 @@ if str(HERE) not in sys.path:
 import baseline as bl  # noqa: E402
 import torch  # noqa: E402
 
-from flowvae import distributed  # noqa: E402
 from flowvae.config import load_config  # noqa: E402
-from flowvae.experiment import anneal_beta, build_experiment  # noqa: E402
-from flowvae.flows import planar_kernel  # noqa: E402
-from flowvae.runs import MAX_ROWS  # noqa: E402
-from flowvae.train import (  # noqa: E402
-    cpu_model,
-    deferred_guard,
-    gradient_norm,
-    make_optimizer,
-    make_schedule,
-)
-from flowvae.vae import importance_nll  # noqa: E402
+from flowvae.experiments import EvalOptions  # noqa: E402
+from flowvae.experiments.vae import MAX_ROWS, sharded_importance_nll  # noqa: E402
+from flowvae.run_folder import cpu_model  # noqa: E402
+from flowvae.train import build_trainer, train_step, wrap_model  # noqa: E402
 
 IW_K = 10  # planar depth of the evaluation benchmark
 DENSITY_K, DENSITY_BATCH = 32, 512
@@ -137,14 +129,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def syncer(device: torch.device):
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
@@ -188,52 +172,21 @@ def density_config(args, device: torch.device):
 
 
 def flowvae_training(cfg, device: torch.device):
-    """(experiment, step) where step() is one iteration of flowvae.train.train's loop.
-
-    The lines below are copied from that loop (before its logging branch), not
-    factored out of it, so the library is timed as it runs.
-    """
-    torch.manual_seed(cfg.seed)
-    experiment = build_experiment(cfg, device)
-    model = experiment.model
-    if cfg.train.compile:  # as flowvae.train.train does
-        experiment.forward_model = torch.compile(experiment.forward_model, dynamic=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, device)
-    schedule = make_schedule(cfg, optimizer)
-    t = cfg.train
-    clip = t.grad_clip if t.grad_clip > 0 else None
+    """(experiment, step) where step() is flowvae.train.train_step, as the training loop runs it."""
+    trainer = build_trainer(cfg, device)
+    wrap_model(trainer)
     state = {"step": 0, "skipped": 0, "last": None}
 
-    deferred = deferred_guard(optimizer, device)
-    bad = torch.zeros((), device=device)
-
     def step():
-        beta = anneal_beta(state["step"], t.anneal_steps)
-        model.train()
-        loss, metrics = experiment.train_loss(state["step"], beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = gradient_norm(params, clip)
-        loss_all, _ = distributed.agree(loss.detach(), False, distributed.SINGLE)
-        if deferred:  # CUDA with a fused optimizer: no host sync, the optimizer skips on device
-            nonfinite = (~torch.isfinite(loss_all + grad_norm)).float()
-            optimizer.found_inf = nonfinite
-            optimizer.step()
-            bad.add_(nonfinite)
-        # One host sync per step: the price of never letting a NaN into the weights.
-        elif bool(torch.isfinite(loss_all + grad_norm)):
-            optimizer.step()
-        else:
-            state["skipped"] += 1
-        schedule.step()
+        out = train_step(trainer, state["step"])
+        state["skipped"] += out.ok is False
         state["step"] += 1
-        state["last"] = loss
-        return loss
+        state["last"] = out.loss
+        return out.loss
 
-    state["deferred_bad"] = bad
+    state["guard"] = trainer.guard
     step.state = state
-    return experiment, step
+    return trainer.experiment, step
 
 
 def skip_flow(model) -> None:
@@ -260,23 +213,19 @@ def baseline_training(step):
 
 
 def iw_max_rows(device: torch.device) -> int:
-    """Decoder rows per pass, as flowvae.runs.evaluate_vae chooses them on this device."""
+    """Decoder rows per pass, as flowvae.runs.evaluate chooses them on this device."""
     return MAX_ROWS.get(device.type, MAX_ROWS["cpu"])
 
 
 def flowvae_iw(model, test, samples: int):
-    """One chunk of flowvae.runs.evaluate_vae: (step, images per step)."""
-    max_rows = iw_max_rows(test.device)
-    per_chunk = min(max(1, max_rows // samples), test.shape[0])
+    """One chunk of `flowvae eval` (sharded_importance_nll): (step, images per step)."""
+    per_chunk = min(max(1, iw_max_rows(test.device) // samples), test.shape[0])
     cursor = [0]
 
     def step():
         lo = cursor[0]
         cursor[0] = (lo + per_chunk) % max(1, test.shape[0] - per_chunk + 1)
-        with torch.inference_mode():
-            a, b = importance_nll(model, test[lo : lo + per_chunk], samples, max_rows)
-            a.double().cpu()
-            b.double().cpu()
+        sharded_importance_nll(model, test[lo : lo + per_chunk], EvalOptions(), samples)
 
     return step, per_chunk
 
@@ -487,8 +436,6 @@ def machine_info(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["planar_kernel"] = planar_kernel.status()
     return info
 
 
@@ -497,8 +444,8 @@ def machine_info(device: torch.device) -> dict:
 
 def check_finite(name: str, state: dict, notes: list[str]) -> None:
     last = state["last"]
-    if "deferred_bad" in state:
-        state["skipped"] += int(state["deferred_bad"])
+    if "guard" in state and state["guard"].deferred:  # skips counted on the device
+        state["skipped"] += int(state["guard"].window)
     if state["skipped"]:
         notes.append(f"{name}: {state['skipped']} of {state['step']} steps were non-finite")
     if last is not None and not bool(torch.isfinite(last.detach())):
@@ -580,9 +527,9 @@ def bench_iw(args, device, sync) -> list[dict]:
 
 
 def bench_iw_full(args, device, sync) -> dict:
-    """Wall time of flowvae.runs.evaluate_vae on the whole test set (planar K=IW_K, S = the
+    """Wall time of flowvae.runs.evaluate on the whole test set (planar K=IW_K, S = the
     first --iw-samples value) with --eval-threads threads, as `flowvae eval` runs it."""
-    from flowvae.runs import LoadedRun, evaluate_vae
+    from flowvae.runs import LoadedRun, evaluate
 
     samples = args.iw_samples[0]
     threads = torch.get_num_threads()
@@ -596,7 +543,7 @@ def bench_iw_full(args, device, sync) -> dict:
         log(f"[iw full] {images} test images, S={samples}, {torch.get_num_threads()} thread(s)")
         sync()
         t0 = time.perf_counter()
-        result = evaluate_vae(run, samples, limit=images)
+        result = evaluate(run, EvalOptions(iw_samples=samples, limit=images))
         sync()
         seconds = time.perf_counter() - t0
         used = torch.get_num_threads()
@@ -780,7 +727,7 @@ def markdown(results: dict) -> str:
     if full:
         lines += [
             "",
-            f"Whole test split with `flowvae.runs.evaluate_vae` (planar K={IW_K}, untrained "
+            f"Whole test split with `flowvae.runs.evaluate` (planar K={IW_K}, untrained "
             f"weights): {full['images']:,} images at S = {full['samples']} in "
             f"**{full['seconds']:.1f} s** on {full['threads']} thread(s) "
             f"({full['images'] / full['seconds']:.0f} images/s).",
@@ -811,6 +758,16 @@ def markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def resolve_device(name: str) -> torch.device:
+    from flowvae import device
+    from flowvae.errors import ConfigError
+
+    try:
+        return device.resolve_device(name)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def main(argv: list[str] | None = None) -> None:

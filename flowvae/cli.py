@@ -15,10 +15,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from flowvae import __version__
-from flowvae.errors import FlowvaeError
+from flowvae.errors import FlowvaeError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -27,8 +28,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help=(
         "Variational inference with normalizing flows (Rezende & Mohamed, 2015).\n\n"
-        "Fit planar, radial, NICE and later flows to the paper's 2-D energies U1..U4, or train a "
-        "flow VAE on binarised MNIST, from a YAML config. Start with:\n\n"
+        "Fit planar, radial, NICE and later flows to the paper's 2-D energies U1..U4, or train "
+        "a flow VAE on binarised MNIST, from a YAML config. Start with:\n\n"
         "  flowvae train --config configs/energy.yaml\n\n"
         "  flowvae eval runs/U1-planar-k32-s0/checkpoints/best.pt\n\n"
         "  flowvae sample runs/U1-planar-k32-s0/checkpoints/best.pt --out fig.png"
@@ -43,8 +44,6 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from flowvae.train import Interrupted
-
         try:
             return fn(*args, **kwargs)
         except FlowvaeError as exc:
@@ -81,7 +80,10 @@ def main_callback(
 @user_errors
 def train(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML config (see configs/).")
+        str | None,
+        typer.Option(
+            "--config", "-c", help="A YAML file, or a shipped config by name (`flowvae configs`)."
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -107,13 +109,15 @@ def train(
         bool, typer.Option("--no-progress", help="Hide the progress bar.")
     ] = False,
 ) -> None:
-    """Train a flow: density matching on U1..U4 or a flow VAE on MNIST.
+    """Train a flow: density matching on U1..U4, or a flow VAE on a dataset.
 
-    Writes <out>/config.yaml, checkpoints/last.pt and best.pt, metrics.jsonl and TensorBoard logs
-    (tensorboard --logdir runs). Ctrl-C saves last.pt; --resume continues exactly.
+    The run folder gets config.yaml, checkpoints/last.pt and best.pt, metrics.jsonl and
+    TensorBoard logs (tensorboard --logdir runs). Ctrl-C saves last.pt, and --resume continues
+    exactly where the run stopped.
     """
     from flowvae.config import load_config
-    from flowvae.train import default_out_dir
+    from flowvae.experiments import EXPERIMENTS
+    from flowvae.run_folder import default_out_dir
     from flowvae.train import train as run_training
 
     overrides = list(set_ or [])
@@ -123,7 +127,7 @@ def train(
     target = out_dir or default_out_dir(cfg)
 
     def banner(cfg, target) -> None:  # printed only once the run's checks have passed
-        what = cfg.target.name if cfg.experiment == "density" else cfg.data.name
+        what = EXPERIMENTS.get(cfg.experiment).label(cfg)
         err.print(
             f"[bold]flowvae[/] {cfg.experiment} · {what} · {cfg.flow.name} K={cfg.flow.k} · "
             f"{cfg.train.steps} steps → {target}",
@@ -172,6 +176,10 @@ def evaluate(
         str | None, typer.Option("--data-root", help="VAE runs: folder with the MNIST files.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation's samples.")] = 0,
+    psis: Annotated[
+        bool,
+        typer.Option("--psis", help="VAE runs: also the Pareto-smoothed -log p(x) (nll_psis)."),
+    ] = False,
     max_rows: Annotated[
         int | None,
         typer.Option(
@@ -182,101 +190,50 @@ def evaluate(
         ),
     ] = None,
 ) -> None:
-    """Evaluate a checkpoint: KL(q‖p) in nats for density runs; -ELBO and importance-sampled
-    -log p(x) for VAE runs. Under `torchrun --nproc_per_node N -m flowvae eval ...` the images
-    are spread over N processes (same numbers as one process)."""
+    """Evaluate a checkpoint: KL(q‖p), or -ELBO and importance-sampled -log p(x).
+
+    Density runs report KL(q‖p) in nats against the exact normaliser. VAE runs report -ELBO and
+    -log p(x) with S importance samples per image, and whether S was enough: the Pareto k̂ of
+    each image's weights (above 0.7 the estimate cannot be trusted; the share of such images
+    is reported, with a warning when it is over 1%) and their effective sample size.
+
+    Under `torchrun --nproc_per_node N -m flowvae eval ...` the images are spread over N
+    processes, with the same numbers as one process.
+    """
     from flowvae import distributed
     from flowvae.device import resolve_device
     from flowvae.errors import ConfigError
+    from flowvae.experiments import EvalOptions
+    from flowvae.runs import evaluate, load_run
 
     if split not in ("test", "valid"):
         raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")
     # Under torchrun every process evaluates its share of the images; rank 0 reports.
     shard, dev = distributed.init_eval(resolve_device(device))
     try:
-        result, rows = _evaluate_run(
-            checkpoint,
-            str(dev),
-            data_root,
-            samples,
-            iw_samples,
-            split,
-            limit,
-            seed,
-            max_rows,
-            shard,
-            as_json,
-        )
+        run = load_run(checkpoint, device=str(dev), data_root=data_root)
+        options = EvalOptions(samples, iw_samples, split, limit, seed, max_rows, psis, shard=shard)
+        quiet = (as_json and not sys.stderr.isatty()) or not shard.is_main
+        with Progress(console=err, transient=True, disable=quiet) as bar:
+            task = bar.add_task("eval", total=None)
+            options.progress = lambda done, total: bar.update(task, completed=done, total=total)
+            result = evaluate(run, options)
     finally:
         distributed.finish()
     if not shard.is_main:
         return
+    if "warning" in result:
+        err.print(f"[yellow]warning:[/] {result['warning']}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
     table = Table(title=f"{checkpoint}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in rows + ["seconds"]:
-        table.add_row(key, _fmt(result[key]))
+    for key in run.experiment.eval_keys + ["seconds"]:
+        if key in result:
+            table.add_row(key, _fmt(result[key]))
     out.print(table)
-
-
-def _evaluate_run(
-    checkpoint, device, data_root, samples, iw_samples, split, limit, seed, max_rows, shard, quiet
-):
-    from flowvae.runs import evaluate_density, evaluate_vae, load_run
-
-    run = load_run(checkpoint, device=device, data_root=data_root)
-    if run.cfg.experiment == "density":
-        result = evaluate_density(run, samples or run.cfg.eval.samples, seed=seed)
-        rows = [
-            "target",
-            "flow",
-            "k",
-            "kl",
-            "kl_stderr",
-            "ess_fraction",
-            "mean_weight",
-            "log_z",
-            "samples",
-        ]
-    else:
-        s = iw_samples or run.cfg.eval.iw_samples
-        from rich.progress import Progress
-
-        with Progress(
-            console=err,
-            transient=True,
-            disable=(quiet and not sys.stderr.isatty()) or not shard.is_main,
-        ) as bar:
-            task = bar.add_task(f"eval S={s}", total=None)
-
-            def tick(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            result = evaluate_vae(
-                run,
-                s,
-                split=split,
-                limit=limit,
-                seed=seed,
-                max_rows=max_rows,
-                progress=tick,
-                shard=shard,
-            )
-        rows = [
-            "dataset",
-            "split",
-            "flow",
-            "k",
-            "neg_elbo",
-            "nll",
-            "nll_stderr",
-            "iw_samples",
-            "examples",
-        ]
-    return result, rows
 
 
 @app.command()
@@ -299,12 +256,15 @@ def sample(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the samples.")] = 0,
 ) -> None:
-    """Draw samples. Density runs: .png shows q_K beside the target (the paper's Figure 3);
-    .npz holds z (N×2) and log_q (N). VAE runs: .png is a grid of decoded prior samples
-    (--reconstruct: test images and reconstructions); .npz holds the arrays."""
+    """Draw samples from a checkpoint, as a picture (.png) or arrays (.npz).
+
+    Density runs: the .png shows q_K beside the target (the paper's Figure 3), and the .npz holds
+    z (N×2) and log_q (N). VAE runs: the .png is a grid of decoded prior samples (with
+    --reconstruct, test images beside their reconstructions), and the .npz holds the arrays.
+    """
     from flowvae.errors import ConfigError
+    from flowvae.experiments import SampleOptions
     from flowvae.runs import load_run
-    from flowvae.sampling import sample_density, sample_vae
 
     suffix = out_file.suffix.lower()
     if suffix not in (".png", ".npz"):
@@ -312,17 +272,17 @@ def sample(
     if not out_file.parent.exists():
         raise ConfigError(f"--out {out_file}: folder {out_file.parent} does not exist")
     run = load_run(checkpoint, device=device, data_root=data_root)
-    if run.cfg.experiment == "density":
-        sample_density(run, n, out_file, seed=seed)
-    else:
-        sample_vae(run, n, out_file, reconstruct=reconstruct, seed=seed)
+    run.experiment.sample(SampleOptions(n, out_file, seed, reconstruct))
     err.print(f"wrote {out_file}", highlight=False)
 
 
 @app.command()
 @user_errors
 def sweep(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Base YAML config.")],
+    config: Annotated[
+        str,
+        typer.Option("--config", "-c", help="Base config: a YAML file or a shipped config's name."),
+    ],
     grid: Annotated[
         list[str],
         typer.Option(
@@ -345,9 +305,13 @@ def sweep(
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
-    """Train and evaluate a grid of runs one after another. Finished runs are skipped and
-    interrupted ones resumed, so the same command continues a sweep."""
-    from flowvae.runs import evaluate_density, evaluate_vae, load_run
+    """Train and evaluate a grid of runs, one after another.
+
+    Finished runs are skipped and interrupted ones resumed, so running the same command again
+    continues the sweep. Each run folder gets an eval.json for `flowvae report`.
+    """
+    from flowvae.experiments import EvalOptions
+    from flowvae.runs import evaluate, load_run
     from flowvae.sweep import sweep as run_sweep
     from flowvae.train import train as run_training
 
@@ -355,10 +319,7 @@ def sweep(
         run_training(cfg, run_dir, resume=resume, console=err, progress=not no_progress)
 
     def eval_fn(ckpt):
-        run = load_run(ckpt)
-        if run.cfg.experiment == "density":
-            return evaluate_density(run, samples or run.cfg.eval.samples)
-        return evaluate_vae(run, iw_samples or run.cfg.eval.iw_samples)
+        return evaluate(load_run(ckpt), EvalOptions(samples=samples, iw_samples=iw_samples))
 
     run_sweep(
         config,
@@ -388,7 +349,11 @@ def report(
         Path | None, typer.Option("--figure", help="Density runs: the Figure-3 grid PNG.")
     ] = None,
 ) -> None:
-    """Collect evaluated runs (their eval.json) into Markdown tables beside the paper's numbers."""
+    """Collect evaluated runs into Markdown tables beside the paper's numbers.
+
+    Reads the eval.json that `flowvae sweep` (or `flowvae eval --json > RUN/eval.json`) leaves
+    in each run folder.
+    """
     from flowvae.errors import ConfigError
     from flowvae.report import report as make_report
 
@@ -406,12 +371,42 @@ def report(
         err.print(f"wrote {out_file}", highlight=False)
 
 
+@app.command()
+@user_errors
+def verify(
+    path: Annotated[Path, typer.Argument(help="A run folder or a checkpoint file.")],
+) -> None:
+    """Check a run folder or checkpoint and say what is intact.
+
+    Checkpoints are verified against the digest stored in them; config.yaml, run.json,
+    eval.json and metrics.jsonl must parse; temporary files left by a killed writer are listed.
+    Exits 1 when something is corrupt, 0 when all is intact. Reads only: nothing is changed.
+    """
+    from flowvae.errors import ConfigError
+    from flowvae.run_folder import verify as verify_folder
+
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist — pass a run folder or a checkpoint file")
+    rows = verify_folder(path)
+    colour = {"ok": "green", "legacy": "green", "missing": "yellow", "busy": "yellow"}
+    table = Table(title=str(path), show_header=True)
+    table.add_column("file")
+    table.add_column("status")
+    table.add_column("detail")
+    for row in rows:
+        shown = row.file.name if path.is_dir() else str(row.file)
+        table.add_row(shown, f"[{colour.get(row.status, 'red')}]{row.status}[/]", row.detail)
+    out.print(table)
+    if any(row.status in ("corrupt", "stale") for row in rows):
+        raise typer.Exit(1)
+
+
 @app.command("list")
 def list_() -> None:
-    """The registered flows, targets, datasets and experiments."""
+    """List the registered flows, targets, datasets and experiments."""
     from flowvae import flows
     from flowvae.data import DATASETS
-    from flowvae.experiment import EXPERIMENTS
+    from flowvae.experiments import EXPERIMENTS
     from flowvae.targets import TARGETS
 
     table = Table(show_header=True)
@@ -420,15 +415,13 @@ def list_() -> None:
     table.add_row("flows", ", ".join(flows.available()))
     table.add_row("targets", ", ".join(TARGETS.names()))
     table.add_row("datasets", ", ".join(DATASETS.names()))
-    table.add_row(
-        "experiments", "density, vae" if not EXPERIMENTS.names() else ", ".join(EXPERIMENTS.names())
-    )
+    table.add_row("experiments", ", ".join(EXPERIMENTS.names()))
     out.print(table)
 
 
 @app.command()
 def keys() -> None:
-    """Every config key with its default and meaning (for --set and YAML files)."""
+    """List every config key with its default and meaning, for --set and YAML files."""
     from flowvae.config import describe
 
     table = Table(show_header=True)
@@ -438,6 +431,40 @@ def keys() -> None:
     for key, default, doc in describe():
         table.add_row(key, default, doc)
     out.print(table)
+
+
+@app.command()
+@user_errors
+def configs(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A shipped config's name (e.g. mnist_quick) to print it as YAML."),
+    ] = None,
+) -> None:
+    """List the configs shipped with flowvae, or print one.
+
+    Any of them works by name wherever a config is expected (flowvae train --config
+    mnist_quick), from any folder; copy one to a file to change more than --set allows.
+    """
+    from flowvae.config import resolve_config, shipped_configs
+
+    if name is not None:
+        sys.stdout.write(resolve_config(name).read_text(encoding="utf-8"))
+        return
+    table = Table(show_header=True)
+    table.add_column("name")
+    table.add_column("what")
+    for key, path in shipped_configs().items():
+        table.add_row(key, _first_comment(path))
+    out.print(table)
+
+
+def _first_comment(path: Path) -> str:
+    """The first comment line of a YAML file (its one-line description), without the '#'."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
 
 
 def main() -> None:

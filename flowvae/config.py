@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from flowvae.errors import ConfigError
-from flowvae.registry import suggest
+from flowvae.experiments import DEFAULT_EXPERIMENT
+from flowvae.registry import unknown_name
 
 
 def opt(
@@ -105,15 +106,14 @@ class EvalConfig:
     samples: int = opt(100000, gt=0, doc="samples for the density KL estimate")
     valid_samples: int = opt(20000, gt=0, doc="samples for the periodic density validation")
     iw_samples: int = opt(200, gt=0, doc="importance samples per image for -log p(x)")
-    batch_size: int = opt(100, gt=0, doc="images per validation batch")
+    batch_size: int = opt(1000, gt=0, doc="VAE: images per pass of the periodic validation")
 
 
 @dataclass
 class Config:
     experiment: str = opt(
-        "density",
-        choices=("density", "vae"),
-        doc="density matching on a 2-D energy, or a flow VAE on a dataset",
+        DEFAULT_EXPERIMENT,
+        doc="what is fitted: a 2-D energy or a flow VAE on a dataset (`flowvae list`)",
     )
     seed: int = opt(0, ge=0, doc="random seed")
     device: str = opt("auto", choices=("auto", "cpu", "cuda"), doc="where to train")
@@ -127,13 +127,32 @@ class Config:
 
 # -- reading ------------------------------------------------------------------------------------
 
+#: The configs shipped inside the package (a clone's top-level configs/ points here).
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name -> file of every shipped config: 'energy', 'mnist_quick', 'families/planar', ..."""
+    files = sorted(SHIPPED.rglob("*.yaml"))
+    return {p.relative_to(SHIPPED).with_suffix("").as_posix(): p for p in files}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file's path: the path itself when it exists, else the shipped config of that
+    name ('mnist_quick', 'mnist_quick.yaml' and 'configs/mnist_quick.yaml' all work)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    name = path.as_posix().removeprefix("configs/").removesuffix(".yaml")
+    if name in shipped:
+        return shipped[name]
+    subject = f"config {name_or_path} does not exist, as a file or as a shipped config"
+    raise ConfigError(unknown_name(subject, name, list(shipped), "shipped configs"))
+
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(
-            f"config file {path} does not exist — check the path (configs/ holds the shipped ones)"
-        )
+    path = resolve_config(path)
     if path.is_dir():
         raise ConfigError(
             f"config {path} is a folder — pass a YAML file such as configs/energy.yaml"
@@ -206,6 +225,44 @@ def _type_name(tp: Any) -> str:
     return names.get(tp, str(tp))
 
 
+#: "No such value": what a scalar reader returns for a value of the wrong type.
+_NO = object()
+
+
+def _read_bool(v: Any) -> Any:
+    return v if isinstance(v, bool) else _NO
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_int(v: Any) -> Any:
+    if _is_number(v) and float(v).is_integer():
+        return int(v)
+    return _NO
+
+
+def _read_float(v: Any) -> Any:
+    if _is_number(v):
+        return float(v)
+    try:  # YAML 1.1 reads "1e-3" as a string
+        return float(v) if isinstance(v, str) else _NO
+    except ValueError:
+        return _NO
+
+
+def _read_str(v: Any) -> Any:
+    return v if isinstance(v, str) else str(v) if _is_number(v) else _NO
+
+
+def _read_dict(v: Any) -> Any:
+    return v if isinstance(v, dict) else _NO
+
+
+_SCALARS = {bool: _read_bool, int: _read_int, float: _read_float, str: _read_str, dict: _read_dict}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -214,35 +271,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
         return _coerce(value, inner, key)
     if origin is list:
-        item = typing.get_args(tp)[0]
         if not isinstance(value, list):
             raise _wrong_type(key, value, tp)
-        return [_coerce(v, item, key) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif tp is dict:
-        if isinstance(value, dict):
-            return value
-    raise _wrong_type(key, value, tp)
+        return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    result = _SCALARS[tp](value)
+    if result is _NO:
+        raise _wrong_type(key, value, tp)
+    return result
 
 
 def _wrong_type(key: str, value: Any, tp: Any) -> ConfigError:
@@ -261,11 +296,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            names = list(fields)
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'{suggest(str(key), names, prefix)} "
-                f"(keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)})"
-            )
+            listed = f"keys in {prefix.rstrip('.')}" if prefix else "keys"
+            subject = f"unknown config key '{prefix}{key}'"
+            raise ConfigError(unknown_name(subject, key, list(fields), listed, prefix))
         f, tp = fields[key], hints[key]
         full = prefix + key
         if dataclasses.is_dataclass(tp):
@@ -283,8 +316,7 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(
-            f"config key {key} = {value!r} is not allowed{suggest(str(value), list(choices))} "
-            f"(choices: {', '.join(choices)})"
+            unknown_name(f"config key {key} = {value!r} is not allowed", value, choices)
         )
     values = value if isinstance(value, list) else [value]
     for v in values:
@@ -303,33 +335,24 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
 def _check_names(cfg: Config) -> None:
     """Names that refer to registries, checked here so a typo fails before anything runs."""
     from flowvae import flows
+    from flowvae.data import DATASETS
+    from flowvae.experiments import EXPERIMENTS
     from flowvae.targets import TARGETS
 
     for key, name, registry in (
+        ("experiment", cfg.experiment, EXPERIMENTS),
         ("flow.name", cfg.flow.name, flows.FLOWS),
         ("target.name", cfg.target.name, TARGETS),
+        ("data.name", cfg.data.name, DATASETS),
     ):
         if name not in registry:
-            choices = registry.names()
-            raise ConfigError(
-                f"config key {key} = {name!r} is unknown{suggest(name, choices)} (choices: {', '.join(choices)})"
-            )
-    if cfg.experiment == "vae":
-        from flowvae.data import DATASETS
-
-        if cfg.data.name not in DATASETS:
-            choices = DATASETS.names()
-            raise ConfigError(
-                f"config key data.name = {cfg.data.name!r} is unknown{suggest(cfg.data.name, choices)} "
-                f"(choices: {', '.join(choices)})"
-            )
+            subject = f"config key {key} = {name!r} is unknown"
+            raise ConfigError(unknown_name(subject, name, registry.names()))
     allowed = flows.option_names(cfg.flow.name)
     for key in cfg.flow.options:
         if key not in allowed:
-            raise ConfigError(
-                f"config key flow.options.{key} is not an option of flow '{cfg.flow.name}'"
-                f"{suggest(str(key), allowed)} (options: {', '.join(allowed) or 'none'})"
-            )
+            subject = f"config key flow.options.{key} is not an option of flow '{cfg.flow.name}'"
+            raise ConfigError(unknown_name(subject, key, allowed, "options"))
 
 
 def from_dict(data: dict) -> Config:
@@ -356,7 +379,7 @@ def dump(cfg: Config) -> str:
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(key, default, doc) rows for every config key, for `flowvae config --help`-style listings."""
+    """(key, default, doc) rows for every config key, as `flowvae keys` lists them."""
     rows = []
 
     def walk(cls: type, prefix: str) -> None:

@@ -43,6 +43,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process: known before the group is joined."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init(device: torch.device, global_batch: int) -> tuple[Shard, torch.device]:
     """Join the process group torchrun set up; returns this rank's shard and device."""
     if not launched_by_torchrun():
@@ -60,15 +65,6 @@ def init(device: torch.device, global_batch: int) -> tuple[Shard, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Shard(dist.get_rank(), dist.get_world_size()), device
-
-
-def mean_across(value: torch.Tensor, shard: Shard) -> torch.Tensor:
-    """Average of a scalar over ranks (identity in a single process)."""
-    if shard.world == 1:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / shard.world
 
 
 def agree(loss: torch.Tensor, signalled: bool, shard: Shard) -> tuple[torch.Tensor, bool]:

@@ -1,5 +1,7 @@
 """User-facing errors: one line, what is wrong and how to fix it."""
 
+from pathlib import Path
+
 
 class FlowvaeError(Exception):
     """An error caused by the user's input; the CLI prints it as one line and exits 2."""
@@ -21,3 +23,16 @@ class CheckpointError(FlowvaeError):
 
 class TrainingError(FlowvaeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving last.pt (exit code 128 + signal)."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted at step {step}")
+
+
+class RunFolderBusy(FlowvaeError):
+    """Another flowvae process holds the run folder's lock (it is writing into that folder)."""

@@ -19,3 +19,12 @@ def paper_nll(flow: str, k: int) -> float | None:
     if k == 0:
         return TABLE2_NLL[("planar", 0)]
     return TABLE2_NLL.get((flow, k))
+
+
+#: The paper's flows first, in its order; report tables and plots list families this way.
+FLOW_ORDER = ["planar", "radial", "nice"]
+
+
+def flow_rank(flow: str) -> tuple[int, str]:
+    """Sort key: the paper's families in its order, then the rest alphabetically."""
+    return (FLOW_ORDER.index(flow) if flow in FLOW_ORDER else len(FLOW_ORDER), flow)

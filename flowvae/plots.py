@@ -82,3 +82,85 @@ def save_png(array: np.ndarray, path) -> None:
     from PIL import Image
 
     Image.fromarray(array).save(path)
+
+
+def save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def nll_plot(rows: list[dict], path) -> None:
+    """Measured −log p(x) ± s.e. against K per flow family, with the paper's values dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flowvae.paper import paper_nll
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    base = [r for r in rows if r["k"] == 0]
+    for flow in sorted({r["flow"] for r in rows if r["k"] > 0}):
+        pts = sorted(
+            [r for r in rows if r["flow"] == flow and r["k"] > 0] + base, key=lambda r: r["k"]
+        )
+        ax.errorbar(
+            [r["k"] for r in pts],
+            [r["nll"] for r in pts],
+            yerr=[r["nll_stderr"] for r in pts],
+            marker="o",
+            label=f"{flow} (measured)",
+            capsize=2,
+        )
+        paper = [(k, paper_nll(flow, k)) for k in (0, 10, 20, 40, 80) if paper_nll(flow, k)]
+        if paper:
+            ax.plot(*zip(*paper), linestyle="--", marker="x", alpha=0.6, label=f"{flow} (paper)")
+    ax.set_xlabel("flow length K")
+    ax.set_ylabel("test −log p(x) (nats)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def figure3_grid(rows: list[dict], models: dict, path, n: int = 100) -> None:
+    """Targets (rows) × the target itself and each (flow, K) (columns), as in the paper's
+    Figure 3; ``models`` maps (target, flow, K) to the fitted density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flowvae.paper import flow_rank
+    from flowvae.targets import TARGETS
+
+    targets = sorted({r["target"] for r in rows})
+    columns = sorted({(r["flow"], r["k"]) for r in rows}, key=lambda fk: (*flow_rank(fk[0]), fk[1]))
+    by_key = {(r["target"], r["flow"], r["k"]): r for r in rows}
+    fig, axes = plt.subplots(
+        len(targets),
+        len(columns) + 1,
+        figsize=(1.3 * (len(columns) + 1), 1.35 * len(targets)),
+        dpi=110,
+        squeeze=False,
+    )
+    for i, t in enumerate(targets):
+        panels = [(f"{t}", target_density_grid(TARGETS.get(t), n))]
+        for flow, k in columns:
+            r = by_key.get((t, flow, k))
+            if r is None:
+                panels.append((f"{flow} K={k}", None))
+                continue
+            grid = model_density_grid(models[(t, flow, k)], n)
+            panels.append((f"{flow} K={k}\nKL {r['kl']:.2f}", grid))
+        for j, (title, grid) in enumerate(panels):
+            ax = axes[i][j]
+            if grid is not None:
+                ax.imshow(grid, origin="lower", extent=(-BOX, BOX, -BOX, BOX), cmap="viridis")
+            ax.set_title(title, fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    save_figure(fig, path)

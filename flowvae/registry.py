@@ -26,6 +26,15 @@ def suggest(name: str, choices: list[str], prefix: str = "") -> str:
     return f" — did you mean '{prefix}{close[0]}'?" if close else ""
 
 
+def unknown_name(
+    subject: str, name: object, choices: list[str], listed: str = "choices", prefix: str = ""
+) -> str:
+    """The one wording of every unknown-name error: "<subject> — did you mean 'x'? (choices:
+    a, b, c)", the suggestion only when a choice is close."""
+    hint = suggest(str(name), choices, prefix)
+    return f"{subject}{hint} ({listed}: {', '.join(choices) or 'none'})"
+
+
 class Registry(Generic[T]):
     """A named collection of factories (flow classes, targets, datasets, experiments)."""
 
@@ -55,11 +64,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            choices = self.names()
-            raise UnknownNameError(
-                f"unknown {self.kind} '{name}'{suggest(str(name), choices)} "
-                f"(choices: {', '.join(choices)})"
-            ) from None
+            message = unknown_name(f"unknown {self.kind} '{name}'", name, self.names())
+            raise UnknownNameError(message) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from flowvae import checkpoint
 from flowvae.config import load_config, parse_override
-from flowvae.errors import ConfigError
+from flowvae.errors import CheckpointError, ConfigError
+from flowvae.runlock import hold_run_folder
 
 
 @dataclass
@@ -54,7 +55,10 @@ def run_status(run_dir: Path, steps: int) -> str:
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
         return "new"
-    step = int(checkpoint.load(last)["step"])
+    try:
+        step = int(checkpoint.load(last)["step"])
+    except CheckpointError:  # damaged: --resume falls back to an intact checkpoint, or says why
+        return "partial"
     if step < steps:
         return "partial"
     return "done" if (run_dir / "eval.json").exists() else "trained"
@@ -72,16 +76,15 @@ def sweep(
     points = parse_grid(grid)
     # Validate every point before the first one runs, so a typo cannot waste hours.
     configs = [load_config(config, overrides + p.overrides) for p in points]
-    done = []
-    for i, (point, cfg) in enumerate(zip(points, configs), 1):
-        run_dir = out_root / point.name
-        status = run_status(run_dir, cfg.train.steps)
-        log(f"[{i}/{len(points)}] {point.name}: {status}")
-        if status in ("new", "partial"):
-            train_fn(cfg, run_dir, resume=status == "partial")
-            status = "trained"
-        if status == "trained":
-            result = eval_fn(run_dir / "checkpoints" / "best.pt")
-            (run_dir / "eval.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
-        done.append(run_dir)
-    return done
+    with hold_run_folder(out_root):  # one sweep per folder; each run is locked by train too
+        for i, (point, cfg) in enumerate(zip(points, configs), 1):
+            run_dir = out_root / point.name
+            status = run_status(run_dir, cfg.train.steps)
+            log(f"[{i}/{len(points)}] {point.name}: {status}")
+            if status in ("new", "partial"):
+                train_fn(cfg, run_dir, resume=status == "partial")
+                status = "trained"
+            if status == "trained":
+                result = eval_fn(run_dir / "checkpoints" / "best.pt")
+                checkpoint.write_text_atomic(run_dir / "eval.json", json.dumps(result) + "\n")
+    return [out_root / p.name for p in points]

@@ -1,41 +1,44 @@
-"""One training loop for every experiment: optimiser, annealing, progress, TensorBoard,
-periodic validation, atomic checkpoints, resume, NaN guard and clean interruption."""
+"""One training loop for every experiment.
+
+Set-up (run folder, model, optimiser, restored state, DDP/compile wrapping), then
+``train_step`` until done, with periodic logging, validation and atomic checkpoints. The
+benchmark times the same ``train_step``.
+"""
 
 from __future__ import annotations
 
 import gc
-import json
 import math
-import os
-import platform
-import shutil
 import signal
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
 
-from flowvae import __version__, checkpoint, distributed
+from flowvae import checkpoint, distributed, experiments, guard
 from flowvae.config import Config, dump, from_dict, to_dict
 from flowvae.device import resolve_device
-from flowvae.errors import ConfigError, TrainingError
-from flowvae.experiment import anneal_beta, build_experiment
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGINT/SIGTERM after saving last.pt."""
-
-    def __init__(self, signum: int, step: int, path: Path) -> None:
-        self.signum, self.step, self.path = signum, step, path
-        self.exit_code = 128 + signum
-        super().__init__(f"interrupted at step {step}")
+from flowvae.distributed import SINGLE, Shard
+from flowvae.errors import CheckpointError, ConfigError, Interrupted, TrainingError
+from flowvae.experiments import Experiment, anneal_beta
+from flowvae.run_folder import (
+    MetricsLog,
+    check_output_folder,
+    checkpoint_bytes,
+    remove_stale_temps,
+    save_checkpoint,
+    truncate_metrics,
+    write_run_info,
+)
+from flowvae.runlock import hold_run_folder
 
 
 @dataclass
@@ -47,9 +50,38 @@ class RunResult:
     seconds: float
 
 
-def make_optimizer(
-    cfg: Config, params, device: torch.device | None = None
-) -> torch.optim.Optimizer:
+@dataclass
+class Trainer:
+    """Everything one update touches. ``model`` holds the weights; ``forward_model`` is what the
+    loss runs through (the same module, or its DDP / compiled wrapper)."""
+
+    cfg: Config
+    experiment: Experiment
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    guard: guard.NonFiniteGuard
+    device: torch.device
+    shard: Shard = SINGLE
+    forward_model: nn.Module | None = None
+    params: list[Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.forward_model = self.forward_model or self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # mean over ranks
+    metrics: dict[str, Tensor]
+    grad_norm: Tensor
+    beta: float
+    ok: bool | None  # whether the update ran (None: known on the device only)
+    stop: bool  # some rank was signalled
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adam":
         # The fused kernel updates every tensor in one pass: on CPU it is 3x cheaper than the
@@ -60,7 +92,16 @@ def make_optimizer(
     return torch.optim.RMSprop(params, lr=t.lr, momentum=t.momentum)
 
 
-def gradient_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+def make_schedule(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    steps = cfg.train.steps
+    if cfg.train.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def gradient_norm(params: list[Tensor], clip: float | None) -> Tensor:
     """Total gradient norm, clipping to ``clip`` when set (without it, no gradient is rescaled)."""
     if clip is not None:
         return torch.nn.utils.clip_grad_norm_(params, clip)
@@ -70,56 +111,109 @@ def gradient_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tenso
     return torch.nn.utils.get_total_norm(grads)
 
 
-def deferred_guard(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
-    """Whether the non-finite guard runs without a per-step host sync.
-
-    On CUDA a sync per step stops the host from queueing the next step while the GPU works,
-    which costs a launch-bound model much of its speed. A fused optimizer can skip its own
-    update on device (``found_inf``), so there the host checks only every
-    min(log_every, max_bad_steps) steps. Elsewhere the per-step check is free.
-    """
-    return device.type == "cuda" and bool(optimizer.defaults.get("fused"))
-
-
-def raise_bad_steps(run_len: int, step: int, limit: int, last_path: Path) -> None:
-    saved = (
-        f"last good checkpoint: {last_path}"
-        if last_path.exists()
-        else "no checkpoint was written yet"
-    )
-    raise TrainingError(
-        f"{run_len} non-finite steps in a row at step {step} "
-        f"(train.max_bad_steps = {limit}) — lower train.lr, set "
-        f"train.grad_clip, or check the data; {saved}"
-    )
+def build_trainer(cfg: Config, device: torch.device, shard: Shard = SINGLE) -> Trainer:
+    """The experiment, its optimiser, schedule and guard (seeded from cfg.seed)."""
+    torch.manual_seed(cfg.seed)
+    experiment = experiments.build(cfg, device)
+    if device.type == "cpu" and experiment.single_thread:
+        torch.set_num_threads(1)
+    model = experiment.model
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    t = cfg.train
+    deferred = guard.uses_deferred(optimizer, device)
+    check_every = min(t.log_every, t.max_bad_steps)
+    nonfinite = guard.NonFiniteGuard(t.max_bad_steps, check_every, deferred, device)
+    schedule = make_schedule(cfg, optimizer)
+    return Trainer(cfg, experiment, model, optimizer, schedule, nonfinite, device, shard)
 
 
-def make_schedule(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    steps = cfg.train.steps
-    if cfg.train.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+def train_step(tr: Trainer, step: int, signalled: bool = False) -> StepOutput:
+    """One update: the annealed loss on a fresh batch, backward, clipping, and the optimizer
+    step unless the loss or gradient is non-finite. The schedule advances either way."""
+    t = tr.cfg.train
+    beta = anneal_beta(step, t.anneal_steps)
+    tr.model.train()
+    batch = tuple(tr.shard.take(x) for x in tr.experiment.batch(t.batch_size))
+    loss, metrics = tr.experiment.loss(tr.forward_model, batch, beta)
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = gradient_norm(tr.params, t.grad_clip if t.grad_clip > 0 else None)
+    # Ranks agree on the mean loss and on whether anyone was signalled, so they skip, stop and
+    # save together.
+    loss_all, stop = distributed.agree(loss.detach(), signalled, tr.shard)
+    ok = tr.guard.step(tr.optimizer, loss_all + grad_norm)
+    tr.schedule.step()
+    return StepOutput(loss_all, metrics, grad_norm, beta, ok, stop)
 
 
-def check_output_folder(out_dir: Path, need_bytes: int) -> None:
-    """Fail before training if the run folder cannot be written or the disk is nearly full."""
+# -- set-up -------------------------------------------------------------------------------------
+
+
+def prepare_resume(
+    cfg: Config, out_dir: Path, resume: bool, console: Console
+) -> tuple[Config, dict | None]:
+    """The config to run (the saved one on resume, with the new run length) and the saved
+    state; refuses to start a fresh run over a finished or interrupted one. A corrupt last.pt
+    falls back to the newest intact checkpoint, saying so."""
+    ckpt_dir = out_dir / "checkpoints"
+    last_path = ckpt_dir / "last.pt"
+    if not resume:
+        if last_path.exists():
+            raise ConfigError(
+                f"{out_dir} already holds a run — add --resume to continue it, or choose "
+                "another --out"
+            )
+        return cfg, None
+    if not last_path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {last_path} — start without --resume")
     try:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write to the output folder {out_dir} ({exc.strerror or exc}) — choose another with --out"
-        ) from None
-    free = shutil.disk_usage(out_dir).free
-    if free < need_bytes:
-        raise ConfigError(
-            f"only {free / 2**20:.1f} MiB free in {out_dir}, checkpoints need about "
-            f"{need_bytes / 2**20:.1f} MiB — free some space or choose another folder with --out"
+        state = checkpoint.load(last_path)
+    except CheckpointError as exc:
+        found = checkpoint.newest_intact(ckpt_dir, names=("best.pt",))
+        if found is None:
+            raise CheckpointError(
+                f"--resume: {exc}; no intact checkpoint to fall back to"
+            ) from None
+        console.print(
+            f"[yellow]warning:[/] {exc}; resuming from {found.path.name} (step "
+            f"{found.ckpt['step']}) instead",
+            highlight=False,
+            soft_wrap=True,
         )
+        state = found.ckpt
+    saved = from_dict(state["config"])
+    saved.train.steps = cfg.train.steps  # the run's own config wins, except for its length
+    return saved, state
+
+
+def restore(tr: Trainer, state: dict[str, Any]) -> tuple[int, float, float]:
+    """Load a checkpoint into the trainer; returns (step, best score, seconds trained)."""
+    tr.model.load_state_dict(state["model"])
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.schedule.load_state_dict(state["schedule"])
+    set_rng_state(state["rng"], tr.device)
+    return int(state["step"]), float(state["best_score"]), float(state.get("elapsed", 0.0))
+
+
+def wrap_model(tr: Trainer) -> None:
+    """DDP across torchrun's processes and/or torch.compile, as the config asks."""
+    if tr.shard.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [tr.device.index] if tr.device.type == "cuda" else None
+        tr.forward_model = DistributedDataParallel(tr.model, device_ids=ids)
+    if tr.cfg.train.compile:
+        # Only the model's forward is compiled: the step counter and β stay Python values
+        # outside the graph (compiling the loss recompiled for every new step).
+        tr.forward_model = torch.compile(tr.forward_model, dynamic=False)
+
+
+def unwrap_model(tr: Trainer) -> None:
+    """Free the DDP wrapper while the process group is still registered. Freed after it, its
+    reducer held the group's last reference and destroyed it with the GIL held, which
+    deadlocked against a gloo worker thread waiting for the GIL (seen at exit)."""
+    tr.forward_model = tr.model
+    gc.collect()
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -177,72 +271,21 @@ def held_out_rng(seed: int, device: torch.device):
         yield
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step) + TensorBoard scalars and images."""
-
-    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
-        self.path = out_dir / "metrics.jsonl"
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-    def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
-        try:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
-        except OSError as exc:
-            raise TrainingError(
-                f"could not write {self.path}: {exc.strerror or exc} — free space on that disk "
-                "or choose another folder with --out"
-            ) from None
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
-
-    def images(self, step: int, images: dict[str, Any]) -> None:
-        if self.writer is not None:
-            for key, img in images.items():
-                self.writer.add_image(key, img, step, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+def progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after ``step`` (a resumed run logs those steps again)."""
-    if not path.exists():
-        return
-    kept = [
-        line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
-    """save_atomic, with a failed write (full disk, lost mount) as a one-line TrainingError."""
-    try:
-        checkpoint.save_atomic(obj, path)
-    except OSError as exc:
-        kept = "the previous checkpoint is intact" if path.exists() else "no earlier one exists"
-        raise TrainingError(
-            f"could not write checkpoint {path}: {exc.strerror or exc} — free space on that disk "
-            f"or choose another folder with --out (then --resume); {kept}"
-        ) from None
-
-
-def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 2 * 3 * n + 8 * 2**20  # last + best, each with two optimiser moments, plus slack
+# -- the loop -----------------------------------------------------------------------------------
 
 
 def train(
@@ -254,265 +297,186 @@ def train(
     tensorboard: bool = True,
     on_start: Callable[[Config, Path], None] | None = None,
 ) -> RunResult:
-    """Train ``cfg`` into ``out_dir``. ``on_start(cfg, out_dir)`` runs once the run's own config
-    is known (the saved one on resume) and the resume/device checks have passed, so a caller's
-    banner never precedes a one-line usage error."""
-    console = console or Console(stderr=True)
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    """Train ``cfg`` into ``out_dir``, holding the folder's write lock throughout (rank 0).
 
-    resume_state = None
-    if resume:
-        if not last_path.exists():
-            raise ConfigError(f"--resume: no checkpoint at {last_path} — start without --resume")
-        resume_state = checkpoint.load(last_path)
-        saved = from_dict(resume_state["config"])
-        # The run's own config wins, except for the length of the run.
-        saved.train.steps = cfg.train.steps
-        cfg = saved
-    elif last_path.exists():
+    ``on_start(cfg, out_dir)`` runs once the run's own config is known (the saved one on resume)
+    and the resume/device checks have passed, so a caller's banner never precedes a one-line
+    usage error. A second process writing to the same folder is refused at once.
+    """
+    out_dir = Path(out_dir)
+    # What can be checked without writing is checked before the lock creates the folder.
+    resolve_device(cfg.device)
+    if resume and not (out_dir / "checkpoints" / "last.pt").exists():
         raise ConfigError(
-            f"{out_dir} already holds a run — add --resume to continue it, or choose another --out"
+            f"--resume: no checkpoint at {out_dir / 'checkpoints' / 'last.pt'} — start without "
+            "--resume"
+        )
+    lock = hold_run_folder(out_dir) if distributed.is_main_process() else nullcontext()
+    with lock:
+        return _train(
+            cfg, out_dir, resume, console or Console(stderr=True), progress, tensorboard, on_start
         )
 
-    device = resolve_device(cfg.device)
-    shard, device = distributed.init(device, cfg.train.batch_size)
+
+def _train(cfg, out_dir, resume, console, progress, tensorboard, on_start) -> RunResult:
+    if distributed.is_main_process():
+        remove_stale_temps(out_dir)  # a killed writer's leftovers (the lock says it is dead)
+    cfg, saved = prepare_resume(cfg, out_dir, resume, console)
+    shard, device = distributed.init(resolve_device(cfg.device), cfg.train.batch_size)
     main = shard.is_main  # only rank 0 writes files, logs and progress
     if main:
         check_output_folder(out_dir, 0)  # writable at all? (before the banner and data loading)
-    if on_start is not None and main:
-        on_start(cfg, out_dir)
-    torch.manual_seed(cfg.seed)
-    experiment = build_experiment(cfg, device)
-    if device.type == "cpu" and getattr(experiment, "single_thread", False):
-        # 2-D problems are a few hundred tiny ops per step: threads only add sync overhead.
-        torch.set_num_threads(1)
-    model = experiment.model
+        if on_start is not None:
+            on_start(cfg, out_dir)
+    tr = build_trainer(cfg, device, shard)
+    step, best, elapsed = restore(tr, saved) if saved is not None else (0, math.inf, 0.0)
     if main:
-        check_output_folder(out_dir, estimate_checkpoint_bytes(model))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, device)
-    schedule = make_schedule(cfg, optimizer)
-
-    step, best, elapsed_before = 0, math.inf, 0.0
-    if resume_state is not None:
-        elapsed_before = float(resume_state.get("elapsed", 0.0))
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        schedule.load_state_dict(resume_state["schedule"])
-        step, best = int(resume_state["step"]), float(resume_state["best_score"])
-        set_rng_state(resume_state["rng"], device)
-        if main:
+        check_output_folder(out_dir, checkpoint_bytes(tr.model))
+        if saved is not None:
             truncate_metrics(out_dir / "metrics.jsonl", step)
-    if main:
-        (out_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
-    if shard.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        experiment.forward_model = DistributedDataParallel(model, device_ids=ids)
-        experiment.shard = shard
-
-    if cfg.train.compile:
-        # Only the model's forward is compiled: the step counter and β stay Python values
-        # outside the graph (compiling train_loss recompiled for every new step).
-        experiment.forward_model = torch.compile(experiment.forward_model, dynamic=False)
-
-    def state(score: float | None = None) -> dict[str, Any]:
-        return checkpoint.make_checkpoint(
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            schedule=schedule.state_dict(),
-            step=step,
-            best_score=best,
-            score=score,
-            rng=rng_state(device),
-            elapsed=elapsed_before + time.perf_counter() - start_time,
-            config=to_dict(cfg),
-            experiment=experiment.summary(),
-        )
-
-    log = MetricsLog(out_dir, tensorboard=tensorboard) if main else None
-    t = cfg.train
-    clip = t.grad_clip if t.grad_clip > 0 else None
-    bad_in_a_row = 0
-    deferred = deferred_guard(optimizer, device)
-    check_every = min(t.log_every, t.max_bad_steps)
-    bad_run = torch.zeros((), device=device)  # current run of non-finite steps (deferred)
-    bad_window = torch.zeros((), device=device)  # non-finite steps since the last check
-    last_metrics: dict[str, float] = {}
-    start_time = time.perf_counter()
-    window_start, window_steps = time.perf_counter(), 0
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not (progress and main),
-        transient=False,
-    )
+        checkpoint.write_text_atomic(out_dir / "config.yaml", dump(cfg))
+    wrap_model(tr)
+    log = Logger(out_dir, console, main, tensorboard, step)
+    ckpts = Checkpoints(out_dir, main, elapsed)
     try:
-        with signals_caught() as caught, bar, schedule_may_lead():
-            task = bar.add_task("train", total=t.steps, completed=step, info="")
-            while step < t.steps:
-                beta = anneal_beta(step, t.anneal_steps)
-                model.train()
-                loss, metrics = experiment.train_loss(step, beta)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = gradient_norm(params, clip)
-                # Ranks agree on the mean loss and on whether anyone was signalled, so they skip,
-                # stop and save together.
-                loss_all, stop_all = distributed.agree(loss.detach(), bool(caught), shard)
-                if deferred:
-                    # The guard without a host sync: the fused optimizer itself skips the
-                    # update when found_inf is 1; the host looks every few steps.
-                    nonfinite = (~torch.isfinite(loss_all + grad_norm)).float()
-                    optimizer.found_inf = nonfinite
-                    optimizer.step()
-                    schedule.step()
-                    bad_run = (bad_run + nonfinite) * nonfinite
-                    bad_window += nonfinite
-                    step += 1
-                    window_steps += 1
-                    if step % check_every == 0 or step == t.steps or stop_all:
-                        n_bad, run_len = int(bad_window), int(bad_run)
-                        bad_window.zero_()
-                        if n_bad and main:
-                            console.print(
-                                f"[yellow]warning:[/] {n_bad} non-finite loss or gradient "
-                                f"step(s) up to step {step}, updates skipped "
-                                f"({run_len}/{t.max_bad_steps} in a row)"
-                            )
-                        if run_len >= t.max_bad_steps:
-                            raise_bad_steps(run_len, step, t.max_bad_steps, last_path)
-                    finite = None  # known on the host only at the checks above
-                # One host sync per step: the price of never letting a NaN into the weights.
-                elif finite := bool(torch.isfinite(loss_all + grad_norm)):
-                    bad_in_a_row = 0
-                    optimizer.step()
-                    window_steps += 1
-                if not deferred:
-                    # The learning rate follows the step count, skipped steps included (as the
-                    # deferred guard must: it learns of a skip only later).
-                    schedule.step()
-                    step += 1
-                if finite is False:
-                    # The update is skipped, but the step still reaches the checkpoint,
-                    # validation and signal checks below (the weights are the last good ones).
-                    bad_in_a_row += 1
-                    if main:
-                        console.print(
-                            f"[yellow]warning:[/] non-finite loss or gradient at step {step}, "
-                            f"update skipped ({bad_in_a_row}/{t.max_bad_steps} in a row)"
-                        )
-                    if bad_in_a_row >= t.max_bad_steps:
-                        raise_bad_steps(bad_in_a_row, step, t.max_bad_steps, last_path)
-                elif (
-                    main
-                    and (step % t.log_every == 0 or step == t.steps)
-                    and math.isfinite(float(loss_all))
-                ):
-                    now = time.perf_counter()
-                    rate = window_steps / max(now - window_start, 1e-9)
-                    window_start, window_steps = now, 0
-                    last_metrics = {
-                        "loss": float(loss_all),
-                        "beta": beta,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "grad_norm": float(grad_norm),
-                        "steps_per_s": rate,
-                        **{k: float(v) for k, v in metrics.items()},
-                    }
-                    log.scalars(step, last_metrics, "train")
-                    bar.update(
-                        task,
-                        info=f"loss {last_metrics['loss']:.4g}  β {beta:.2f}  {rate:.0f} it/s",
-                    )
-                bar.update(task, completed=step)
-
-                if main and (step % t.eval_every == 0 or step == t.steps):
-                    model.eval()
-                    with held_out_rng(cfg.seed, device):
-                        val = experiment.validate()
-                        images = experiment.images()
-                    log.scalars(step, val, "valid")
-                    log.images(step, images)
-                    if val["score"] < best and math.isfinite(val["score"]):
-                        best = val["score"]
-                        save_checkpoint(state(val["score"]), best_path)
-                if main and (step % t.checkpoint_every == 0 or step == t.steps):
-                    save_checkpoint(state(), last_path)
-                if stop_all:
-                    if main:
-                        save_checkpoint(state(), last_path)
-                    raise Interrupted(caught[0] if caught else signal.SIGTERM, step, last_path)
-            if main and not best_path.exists():  # no finite validation: keep the final weights
-                save_checkpoint(state(), best_path)
+        step, best = loop(tr, step, best, log, ckpts, progress_bar(console, progress and main))
+    except guard.TooManyBadSteps as exc:
+        raise TrainingError(f"{exc}; {ckpts.note()}") from None
     finally:
-        if log is not None:
-            log.close()
+        log.close()
         if shard.world > 1:
-            # Free the DDP wrapper while the process group is still registered. Freed after it,
-            # its reducer held the group's last reference and destroyed it with the GIL held,
-            # which deadlocked against a gloo worker thread waiting for the GIL (seen at exit).
-            experiment.forward_model = model
-            gc.collect()
+            unwrap_model(tr)
         distributed.finish()
-    seconds = time.perf_counter() - start_time
     if main:
-        write_run_info(out_dir, cfg, device, step, elapsed_before + seconds)
-    return RunResult(out_dir, step, best, last_metrics, seconds)
+        write_run_info(out_dir, device, step, ckpts.seconds())
+    return RunResult(out_dir, step, best, log.last, ckpts.seconds() - elapsed)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def loop(
+    tr: Trainer, step: int, best: float, log: Logger, ckpts: Checkpoints, bar: Progress
+) -> tuple[int, float]:
+    """train_step until cfg.train.steps, logging, validating and checkpointing on the way;
+    returns the final step and best validation score."""
+    t = tr.cfg.train
+    with signals_caught() as caught, schedule_may_lead(), bar:
+        task = bar.add_task("train", total=t.steps, completed=step, info="")
+        while step < t.steps:
+            out = train_step(tr, step, signalled=bool(caught))
+            step += 1
+            last = step == t.steps or out.stop
+            log.warn(tr.guard.observe(step, out.ok, last))
+            tr.guard.stop_if_stuck(step)
+            if out.ok is not False and (step % t.log_every == 0 or last):
+                log.train(step, out, tr.optimizer, bar, task)
+            bar.update(task, completed=step)
+            if step % t.eval_every == 0 or step == t.steps:
+                best = ckpts.keep_best(tr, step, best, log.validation(step, tr))
+            if step % t.checkpoint_every == 0 or last:
+                ckpts.save(tr, ckpts.last, step, best)
+            if out.stop:
+                raise Interrupted(caught[0] if caught else signal.SIGTERM, step, ckpts.last)
+    if not ckpts.best.exists():  # no finite validation: keep the final weights
+        ckpts.save(tr, ckpts.best, step, best)
+    return step, best
 
 
-def hardware_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+class Checkpoints:
+    """last.pt and best.pt of a run folder, written atomically by rank 0 only."""
+
+    def __init__(self, out_dir: Path, main: bool, elapsed: float) -> None:
+        self.last, self.best = (
+            out_dir / "checkpoints" / "last.pt",
+            out_dir / "checkpoints" / "best.pt",
+        )
+        self.main, self.elapsed, self.start = main, elapsed, time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training time of the run, earlier sessions included."""
+        return self.elapsed + time.perf_counter() - self.start
+
+    def save(
+        self, tr: Trainer, path: Path, step: int, best: float, score: float | None = None
+    ) -> None:
+        if self.main:
+            save_checkpoint(snapshot(tr, step, best, self.seconds(), score), path)
+
+    def keep_best(self, tr: Trainer, step: int, best: float, score: float) -> float:
+        """Save best.pt when ``score`` beats ``best``; returns the new best."""
+        if score >= best:
+            return best
+        self.save(tr, self.best, step, score, score)
+        return score
+
+    def note(self) -> str:
+        if self.last.exists():
+            return f"last good checkpoint: {self.last}"
+        return "no checkpoint was written yet"
 
 
-def write_run_info(
-    out_dir: Path, cfg: Config, device: torch.device, step: int, seconds: float
-) -> None:
-    """run.json: what ran where and for how long (read by `flowvae report`)."""
-    info = {
-        "steps": step,
-        "train_seconds": seconds,
-        "device": device.type,
-        "hardware": hardware_name(device),
-        "torch": torch.__version__,
-        "flowvae": __version__,
-    }
-    if device.type == "cpu" and cfg.flow.name == "planar" and cfg.flow.k > 0:
-        from flowvae.flows import planar_kernel
-
-        info["planar_kernel"] = planar_kernel.status()
-    (out_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+def snapshot(
+    tr: Trainer, step: int, best: float, seconds: float, score: float | None
+) -> dict[str, Any]:
+    return checkpoint.make_checkpoint(
+        model=tr.model.state_dict(),
+        optimizer=tr.optimizer.state_dict(),
+        schedule=tr.schedule.state_dict(),
+        step=step,
+        best_score=best,
+        score=score,
+        rng=rng_state(tr.device),
+        elapsed=seconds,
+        config=to_dict(tr.cfg),
+        experiment=tr.experiment.summary(),
+    )
 
 
-def default_out_dir(cfg: Config) -> Path:
-    what = cfg.target.name if cfg.experiment == "density" else cfg.data.name
-    return Path("runs") / f"{what}-{cfg.flow.name}-k{cfg.flow.k}-s{cfg.seed}"
+class Logger:
+    """What the loop reports: warnings, training metrics with steps/s, validation (rank 0)."""
 
+    def __init__(
+        self, out_dir: Path, console: Console, main: bool, tensorboard: bool, step: int
+    ) -> None:
+        self.console, self.main = console, main
+        self.metrics = MetricsLog(out_dir, tensorboard=tensorboard) if main else None
+        self.last: dict[str, float] = {}
+        self.window_start, self.window_step = time.perf_counter(), step
 
-def clean_env_threads() -> None:
-    """Respect OMP_NUM_THREADS when set; otherwise let torch choose."""
-    n = os.environ.get("OMP_NUM_THREADS")
-    if n and n.isdigit():
-        torch.set_num_threads(int(n))
+    def warn(self, message: str | None) -> None:
+        if message and self.main:
+            self.console.print(f"[yellow]warning:[/] {message}")
+
+    def train(self, step: int, out: StepOutput, optimizer, bar: Progress, task) -> None:
+        """Log the step's metrics (when its loss is finite) and show them on the bar."""
+        loss = float(out.loss)
+        if not (self.main and math.isfinite(loss)):
+            return
+        now = time.perf_counter()
+        rate = (step - self.window_step) / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_step = now, step
+        self.last = {
+            "loss": loss,
+            "beta": out.beta,
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": float(out.grad_norm),
+            "steps_per_s": rate,
+            **{k: float(v) for k, v in out.metrics.items()},
+        }
+        self.metrics.scalars(step, self.last, "train")
+        bar.update(task, info=f"loss {loss:.4g}  β {out.beta:.2f}  {rate:.0f} it/s")
+
+    def validation(self, step: int, tr: Trainer) -> float:
+        """Validate on held-out noise, log it; returns the score (inf when not finite, and on
+        ranks other than 0, which do not validate)."""
+        if not self.main:
+            return math.inf
+        tr.model.eval()
+        with held_out_rng(tr.cfg.seed, tr.device):
+            val = tr.experiment.validate()
+            images = tr.experiment.images()
+        self.metrics.scalars(step, val, "valid")
+        self.metrics.images(step, images)
+        return val["score"] if math.isfinite(val["score"]) else math.inf
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()

@@ -24,7 +24,7 @@ MNIST_DIR = Path(os.environ.get("FLOWVAE_TEST_DATA") or ROOT.parent / "shared" /
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
@@ -74,5 +74,24 @@ def run_cli():
             env=_cli_env(),
             timeout=timeout,
         )
+
+    return run
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch):
+    """``cli_in_process(*args, cwd=...)``: the same CLI as ``run_cli`` (the Typer app, its error
+    handling and exit codes) run in this process, without the ~3 s interpreter and torch start-up
+    per call; a CompletedProcess-like result back."""
+    from typer.testing import CliRunner
+
+    from flowvae.cli import app
+
+    def run(*args: str | Path, cwd: str | Path | None = None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.delenv("FLOWVAE_DATA", raising=False)
+        result = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
+        return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
     return run

@@ -1,4 +1,4 @@
-"""The planar reference both fast paths are tested against: K layers run one by one with the
+"""The planar reference the stacked path is tested against: K layers run one by one with the
 reference autograd ops (planar.planar_forward), and the agreement check."""
 
 import torch

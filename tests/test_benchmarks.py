@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+#: The benchmark harness end to end takes about half a minute.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, repo_root, mnist_dir):

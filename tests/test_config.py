@@ -122,7 +122,24 @@ def _files(folder: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(("config", "args", "fragments"), BAD_INPUTS)
-def test_bad_input_fails_cleanly(tmp_path, repo_root, run_cli, config, args, fragments):
+def test_bad_input_fails_cleanly(tmp_path, repo_root, cli_in_process, config, args, fragments):
+    check_bad_input(tmp_path, repo_root, cli_in_process, config, args, fragments)
+
+
+#: The same checks through `python -m flowvae` in a fresh process, for a few of the inputs.
+AS_A_PROCESS = [
+    p for p in BAD_INPUTS if p.id in ("missing-file", "unknown-nested-key", "flow-typo")
+]
+
+
+@pytest.mark.parametrize(("config", "args", "fragments"), AS_A_PROCESS)
+def test_bad_input_fails_cleanly_as_a_process(
+    tmp_path, repo_root, run_cli, config, args, fragments
+):
+    check_bad_input(tmp_path, repo_root, run_cli, config, args, fragments)
+
+
+def check_bad_input(tmp_path, repo_root, run_cli, config, args, fragments) -> None:
     cli_args = ["train"]
     if config == ENERGY:
         cli_args += ["--config", repo_root / "configs" / "energy.yaml"]

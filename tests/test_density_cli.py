@@ -119,12 +119,9 @@ def test_run_folder_contents(energy_run):
     events = list((energy_run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
-    from flowvae.flows import planar_kernel
-
     info = json.loads((energy_run / "run.json").read_text())
     assert info["steps"] == TRAIN_STEPS and info["device"] == "cpu"
-    # which planar path the run used on this CPU, as this process would choose it
-    assert info["planar_kernel"] == planar_kernel.status()
+    assert info["train_seconds"] > 0 and "cores" in info["hardware"]
 
 
 def test_eval_json(eval_json):

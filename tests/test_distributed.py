@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+#: Each test launches torchrun with two processes (a few seconds of start-up each).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
     "--config", str(REPO / "configs" / "energy.yaml"),

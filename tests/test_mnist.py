@@ -338,7 +338,8 @@ def test_missing_files_without_download(tmp_path):
 
 
 @needs_real
-def test_download_from_a_local_mirror(tmp_path, no_proxy, capsys):
+@pytest.mark.usefixtures("no_proxy")
+def test_download_from_a_local_mirror(tmp_path):
     good = tmp_path / "good"
     good.mkdir()
     for name in FILES:
@@ -355,7 +356,8 @@ def test_download_from_a_local_mirror(tmp_path, no_proxy, capsys):
 
 
 @needs_real
-def test_download_rejects_a_checksum_mismatch_and_falls_back(tmp_path, no_proxy):
+@pytest.mark.usefixtures("no_proxy")
+def test_download_rejects_a_checksum_mismatch_and_falls_back(tmp_path):
     good, bad = tmp_path / "good", tmp_path / "bad"
     good.mkdir()
     bad.mkdir()
@@ -380,7 +382,8 @@ def test_download_rejects_a_checksum_mismatch_and_falls_back(tmp_path, no_proxy)
     assert os.listdir(dest) == [TRAIN_LABELS]
 
 
-def test_no_network_names_the_missing_files_and_folder(tmp_path, no_proxy):
+@pytest.mark.usefixtures("no_proxy")
+def test_no_network_names_the_missing_files_and_folder(tmp_path):
     empty = tmp_path / "served"
     empty.mkdir()
     dest = tmp_path / "dest"

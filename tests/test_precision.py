@@ -4,7 +4,7 @@ log-det and every density term stay float32 (on the CPU here; the same code path
 import pytest
 import torch
 
-from flowvae.vae import FlowVAE, free_energy
+from flowvae.experiments.vae import FlowVAE, free_energy
 
 
 def _model(precision: str) -> FlowVAE:
@@ -17,8 +17,8 @@ def _model(precision: str) -> FlowVAE:
 def test_bf16_runs_the_nets_in_bf16_and_the_flow_in_float32():
     model = _model("bf16")
     seen = {}
-    model.encoder[0].linear.register_forward_hook(lambda m, i, o: seen.update(enc=o.dtype))
-    model.decoder_out.register_forward_hook(lambda m, i, o: seen.update(dec=o.dtype))
+    model.encoder[0].linear.register_forward_hook(lambda _m, _i, o: seen.update(enc=o.dtype))
+    model.decoder_out.register_forward_hook(lambda _m, _i, o: seen.update(dec=o.dtype))
     x = torch.bernoulli(torch.full((16, 784), 0.3))
     eps = torch.randn(16, 8)
     terms = model(x, eps)

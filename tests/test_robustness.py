@@ -127,6 +127,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_save_last_and_resume(tmp_path):
     out = tmp_path / "run"
     last = out / "checkpoints" / "last.pt"
@@ -195,7 +196,7 @@ import torch
 torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo, once
 from torch.utils.tensorboard import SummaryWriter  # noqa
 import matplotlib.pyplot  # noqa
-import flowvae.cli, flowvae.density, flowvae.plots, flowvae.train  # noqa
+import flowvae.cli, flowvae.experiments, flowvae.plots, flowvae.train  # noqa
 sys.stdout.write("ready\n"); sys.stdout.flush()
 while True:
     line = sys.stdin.readline()
@@ -295,6 +296,7 @@ KILL_STEPS = 600
 KILLS = 20
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_bit_exact(tmp_path):
     def args(out: Path) -> list[str]:
         return [
@@ -436,7 +438,7 @@ def test_persistent_nan_stops_after_max_bad_steps(tmp_path, max_bad):
 
 
 def test_nan_from_the_first_step_says_there_is_no_checkpoint(tmp_path):
-    energy = FlakyEnergy(lambda n: True)
+    energy = FlakyEnergy(lambda _: True)
     with registered_target(energy) as name:
         cfg = tiny_cfg(f"target.name={name}", "train.max_bad_steps=3")
         with pytest.raises(TrainingError, match="3 non-finite steps in a row at step 3") as exc:
@@ -582,7 +584,7 @@ def test_bad_checkpoint_files_fail_in_one_line(tmp_path, real_ckpt, kind, comman
         checkpoint.load(path)
 
 
-def test_real_checkpoint_still_evaluates(tmp_path, real_ckpt):
+def test_real_checkpoint_still_evaluates(real_ckpt):
     result = invoke("eval", str(real_ckpt), "--json", "--samples", "500")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["step"] == 20
@@ -671,10 +673,11 @@ def test_same_seed_same_parameters(tmp_path):
 
 @pytest.fixture
 def deferred(monkeypatch):
-    monkeypatch.setattr("flowvae.train.deferred_guard", lambda optimizer, device: True)
+    monkeypatch.setattr("flowvae.guard.uses_deferred", lambda *_: True)
 
 
-def test_deferred_guard_skips_nan_updates_without_syncing_each_step(tmp_path, deferred):
+@pytest.mark.usefixtures("deferred")
+def test_deferred_guard_skips_nan_updates_without_syncing_each_step(tmp_path):
     energy = FlakyEnergy(lambda n: n % 7 == 0)
     console, buf = quiet()
     with registered_target(energy) as name:
@@ -696,7 +699,7 @@ def test_deferred_guard_weights_match_the_sync_guard(tmp_path, monkeypatch):
     """Both guards skip exactly the same updates: identical final weights."""
     weights = []
     for mode in (False, True):
-        monkeypatch.setattr("flowvae.train.deferred_guard", lambda o, d, m=mode: m)
+        monkeypatch.setattr("flowvae.guard.uses_deferred", lambda *_, m=mode: m)
         energy = FlakyEnergy(lambda n: n % 5 == 0)
         with registered_target(energy) as name:
             cfg = tiny_cfg(f"target.name={name}", "train.steps=40")
@@ -707,7 +710,8 @@ def test_deferred_guard_weights_match_the_sync_guard(tmp_path, monkeypatch):
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=0, atol=0)
 
 
-def test_deferred_guard_stops_a_persistent_nan(tmp_path, deferred):
+@pytest.mark.usefixtures("deferred")
+def test_deferred_guard_stops_a_persistent_nan(tmp_path):
     energy = FlakyEnergy(lambda n: n > 30)
     with registered_target(energy) as name:
         cfg = tiny_cfg(f"target.name={name}", "train.steps=1000", "train.max_bad_steps=5")

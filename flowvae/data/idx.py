@@ -52,41 +52,8 @@ def read_idx(path: str | os.PathLike[str], fix: str = DEFAULT_FIX) -> torch.Tens
     ``fix`` is the advice appended to every error message.
     """
     path = Path(path)
-    gz = _is_gzip(path)
-    try:
-        if gz:
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist — {fix}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a folder, not an IDX file — {fix}") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(
-            f"{path} is not a valid gzip file (corrupted or truncated: {_one_line(e)}) — {fix}"
-        ) from None
-    except OSError as e:
-        raise DataError(f"{path} cannot be read ({_one_line(e)}) — check its permissions") from None
-
-    if len(data) < 4:
-        raise DataError(
-            f"{path} is truncated (only {len(data)} bytes, too short for an IDX header) — {fix}"
-        )
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    magic = (dtype << 8) | ndim
-    if zero != 0 or dtype != IDX_UBYTE or magic not in _MAGICS:
-        raise DataError(
-            f"{path} is not an MNIST IDX file (magic number 0x{int.from_bytes(data[:4], 'big'):08x}, "
-            f"expected 0x{IMAGES_MAGIC:08x} for images or 0x{LABELS_MAGIC:08x} for labels) — {fix}"
-        )
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(
-            f"{path} is truncated (only {len(data)} bytes, the IDX header needs {header}) — {fix}"
-        )
-    dims = struct.unpack(f">{ndim}I", data[4:header])
+    data = _read_bytes(path, fix)
+    dims, header = _header(path, data, fix)
     expected = math.prod(dims)
     found = len(data) - header
     if found < expected:
@@ -104,3 +71,43 @@ def read_idx(path: str | os.PathLike[str], fix: str = DEFAULT_FIX) -> torch.Tens
     buffer = bytearray(data)  # writable, so torch.frombuffer does not warn
     del data
     return torch.frombuffer(buffer, dtype=torch.uint8, offset=header).reshape(dims)
+
+
+def _read_bytes(path: Path, fix: str) -> bytes:
+    """The file's bytes, gunzipped when it is gzipped; every failure as one DataError line."""
+    try:
+        if _is_gzip(path):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist — {fix}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not an IDX file — {fix}") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(
+            f"{path} is not a valid gzip file (corrupted or truncated: {_one_line(e)}) — {fix}"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({_one_line(e)}) — check its permissions") from None
+
+
+def _header(path: Path, data: bytes, fix: str) -> tuple[tuple[int, ...], int]:
+    """The dimensions an IDX header declares, and the header's length in bytes."""
+    if len(data) < 4:
+        raise DataError(
+            f"{path} is truncated (only {len(data)} bytes, too short for an IDX header) — {fix}"
+        )
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    magic = (dtype << 8) | ndim
+    if zero != 0 or dtype != IDX_UBYTE or magic not in _MAGICS:
+        raise DataError(
+            f"{path} is not an MNIST IDX file (magic number 0x{int.from_bytes(data[:4], 'big'):08x}, "
+            f"expected 0x{IMAGES_MAGIC:08x} for images or 0x{LABELS_MAGIC:08x} for labels) — {fix}"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(
+            f"{path} is truncated (only {len(data)} bytes, the IDX header needs {header}) — {fix}"
+        )
+    return struct.unpack(f">{ndim}I", data[4:header]), header

@@ -164,6 +164,8 @@ class BinaryMNIST:
     train_labels: Tensor | None = None
     valid_labels: Tensor | None = None
     test_labels: Tensor | None = None
+    #: (height, width) of one image; rows of train/valid/test are its pixels flattened.
+    image_shape: tuple[int, int] = (28, 28)
 
     @property
     def device(self) -> torch.device:

@@ -35,7 +35,7 @@ from flowvae.flows.sylvester import (
     SylvesterOrthogonal,
     SylvesterTriangular,
 )
-from flowvae.registry import suggest
+from flowvae.registry import unknown_name
 
 __all__ = [
     "AffineCoupling",
@@ -86,9 +86,8 @@ def build(name: str, dim: int, k: int, amortized: bool = False, **options) -> Fl
     allowed = option_names(name)
     for key in options:
         if key not in allowed:
-            choices = ", ".join(allowed) if allowed else "none"
             raise ValueError(
-                f"unknown option '{key}' for flow '{name}'{suggest(key, allowed)} (choices: {choices})"
+                unknown_name(f"unknown option '{key}' for flow '{name}'", key, allowed)
             )
     layers = [cls(dim, amortized=amortized, index=i, **options) for i in range(k)]
     return FlowStack(layers, dim=dim, amortized=amortized)

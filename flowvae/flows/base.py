@@ -50,7 +50,7 @@ class Flow(nn.Module):
         """Shapes of the parameters the module owns when global (default: the same ones)."""
         return self.param_shapes()
 
-    def init_param(self, name: str, shape: tuple[int, ...]) -> Tensor:
+    def init_param(self, name: str, shape: tuple[int, ...]) -> Tensor:  # noqa: ARG002
         """Initial value of a global parameter: small, so a fresh stack is close to identity."""
         return torch.randn(shape) * (0.1 / math.sqrt(max(1, self.dim)))
 
@@ -103,7 +103,10 @@ class Flow(nn.Module):
 
     @classmethod
     def stack_forward(
-        cls, layers: list[Flow], z: Tensor, params: Tensor | None
+        cls,
+        layers: list[Flow],  # noqa: ARG003  (the interface: families with a fast path use these)
+        z: Tensor,  # noqa: ARG003
+        params: Tensor | None,  # noqa: ARG003
     ) -> tuple[Tensor, Tensor] | None:
         """Optional fast path for a stack of layers of this class: ``(z_K, Σ log|det|)`` for
         all of them at once, or None to run them one by one (the default)."""

@@ -41,7 +41,7 @@ class Householder(Flow):
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"v": (self.dim,)}
 
-    def init_param(self, name: str, shape: tuple[int, ...]) -> Tensor:
+    def init_param(self, name: str, shape: tuple[int, ...]) -> Tensor:  # noqa: ARG002
         # Only the direction matters; a norm near 1 keeps gradients (which scale as 1/‖v‖) sane.
         return torch.randn(shape) / self.dim**0.5
 

@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowvae.flows import planar_kernel
 from flowvae.flows.base import Flow, batch_dot
-from flowvae.flows.planar_fused import planar_forward_fused
 from flowvae.flows.planar_stack import BLOCK, MAX_COUPLING_ELEMENTS, planar_stack_forward
 from flowvae.flows.registry import FLOWS
 
@@ -39,9 +37,9 @@ SLACK = 1e-3
 #: log(e - 1): the shift of softplus's argument that makes m(0) = 0 (option identity_init).
 IDENTITY_SHIFT = math.log(math.e - 1.0)
 
-#: Use the hand-written autograd Functions (planar_fused.py for one layer, planar_stack.py for a
-#: stack); False selects the reference ops, layer by layer.
-FUSED = True
+#: Run a homogeneous stack as one node (planar_stack.py); False runs it layer by layer through the
+#: reference ops below, which is what the tests compare it against.
+STACKED = True
 
 
 def planar_slack(u: Tensor, w: Tensor, shift: float = 0.0) -> Tensor:
@@ -145,8 +143,6 @@ class Planar(Flow):
         return super().init_param(name, shape)
 
     def transform(self, z: Tensor, u: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        if FUSED:
-            return planar_forward_fused(z, u, w, b, self.scaled_offset, SLACK, self.shift)
         return planar_forward(z, u, w, b, self.scaled_offset, self.shift)
 
     def inverse_transform(self, y: Tensor, u: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -158,9 +154,13 @@ class Planar(Flow):
     ) -> tuple[Tensor, Tensor] | None:
         first = layers[0]
         k = len(layers)
-        if not FUSED or any(
+        if not STACKED or any(
             (x.scaled_offset, x.shift) != (first.scaled_offset, first.shift) for x in layers
         ):
+            return None
+        # The coupling matrices are kept for the backward pass; where they would not fit in
+        # memory the layers run one by one.
+        if z.shape[0] * k * min(k, BLOCK) > MAX_COUPLING_ELEMENTS:
             return None
         if first.amortized:
             packed = params.reshape(params.shape[0], k, 2 * first.dim + 1)
@@ -169,15 +169,6 @@ class Planar(Flow):
                 [torch.stack([getattr(x, name) for x in layers]) for name in ("u", "w", "b")],
                 dim=-1,
             ).unsqueeze(0)
-        # On the CPU the compiled kernel (under torch.compile too, between compiled graphs);
-        # elsewhere (CUDA, no C compiler) the batched PyTorch recursion, unless its coupling
-        # matrices would not fit.
-        if planar_kernel.usable(z, packed):
-            return planar_kernel.planar_kernel_forward(
-                z, packed, first.scaled_offset, SLACK, first.shift
-            )
-        if z.shape[0] * k * min(k, BLOCK) > MAX_COUPLING_ELEMENTS:
-            return None
         return planar_stack_forward(z, packed, first.scaled_offset, SLACK, first.shift)
 
     @classmethod

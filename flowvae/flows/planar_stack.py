@@ -14,9 +14,12 @@ some 40 kernel launches per layer and step with about 4, which is what a deep am
 spends its time on at batch 100.
 
 The maths of one layer (û from the invertibility constraint, the scaled offset, the
-cancellation-free log-det log(t² + s(1 - t²))) is that of planar.py / planar_fused.py, which
-this is tested against. Shapes: z (B, D); the packed parameters [u, w, b] (P, K, 2D + 1), where
-P is B (amortised) or 1 (global, shared by every row).
+cancellation-free log-det log(t² + s(1 - t²))) is that of planar.py, whose reference ops, run
+layer by layer, this is tested against. Shapes: z (B, D); the packed parameters [u, w, b]
+(P, K, 2D + 1), where P is B (amortised) or 1 (global, shared by every row).
+
+Notation: wu = wᵀu, s = softplus(wu) + SLACK, c = (s - 1 - wu)/‖w‖², û = u + c·w,
+off = ‖w‖·b̃ (or b), t = tanh(a), h = 1 - t², dn = t² + s·h (the log-det is log dn).
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from flowvae.flows.planar_fused import clamped_norm_sq, refuse_double_backward
 
 #: Most layers per block: within a block the coupling matrix (cost B·m²·D) replaces forming z;
 #: between blocks z is formed once. K layers are cut into ceil(K / BLOCK) blocks of equal size.
@@ -43,6 +44,25 @@ def block_size(k: int, most: int = BLOCK) -> int:
 #: Largest B·K·BLOCK (coupling matrices kept for the backward pass) for which the stacked path
 #: is used; beyond it (deep stacks on very large batches) the layers run one by one.
 MAX_COUPLING_ELEMENTS = 1 << 24
+
+
+def clamped_norm_sq(w: Tensor) -> tuple[Tensor, Tensor]:
+    """‖w‖² clamped up to the smallest normal number, and where the clamp passes gradient."""
+    raw = (w * w).sum(-1)
+    tiny = torch.finfo(w.dtype).tiny
+    # Below the clamp the reference ops (clamp_min) pass no gradient; the backward must match,
+    # else 1/‖w‖² turns the gradient of w into inf/NaN.
+    return raw.clamp_min(tiny), raw >= tiny
+
+
+def refuse_double_backward() -> None:
+    """Called first in a hand-written backward: with create_graph=True it would run under grad
+    mode and return a gradient with no second-order part, so say so instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the stacked planar path has no double backward (create_graph=True); "
+            "flowvae.flows.planar.STACKED = False runs the layers through ops that have one"
+        )
 
 
 def _outer(rows: Tensor, cols: Tensor, shared: bool) -> Tensor:

@@ -167,7 +167,7 @@ class Sylvester(Flow):
     def basis_shapes(self) -> dict[str, tuple[int, ...]]:
         return {}
 
-    def basis(self, **raw: Tensor) -> Tensor | None:
+    def basis(self, **raw: Tensor) -> Tensor | None:  # noqa: ARG002
         """Whatever represents Q for this layer (a matrix, reflection vectors, or None)."""
         return None
 
@@ -317,10 +317,10 @@ class SylvesterTriangular(Sylvester):
         self.m = int(dim)
         super().__init__(dim, amortized=amortized, index=index)
 
-    def project(self, z: Tensor, basis: None) -> Tensor:
+    def project(self, z: Tensor, basis: None) -> Tensor:  # noqa: ARG002  (Q is a permutation)
         return z.flip(-1) if self.index % 2 else z
 
-    def lift(self, x: Tensor, basis: None) -> Tensor:
+    def lift(self, x: Tensor, basis: None) -> Tensor:  # noqa: ARG002
         return x.flip(-1) if self.index % 2 else x
 
     @classmethod

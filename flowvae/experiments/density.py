@@ -6,13 +6,22 @@ loss = E_{z0 ~ q0}[ log q_K(z_K) + β_t U(z_K) ]      (KL(q_K ‖ p) - log Z whe
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from flowvae import flows
-from flowvae.distributed import SINGLE
-from flowvae.experiment import EXPERIMENTS, gaussian_log_prob
+from flowvae.experiments.base import (
+    EXPERIMENTS,
+    EvalOptions,
+    ReportOptions,
+    SampleOptions,
+    gaussian_log_prob,
+)
 from flowvae.targets import TARGETS, Target
 
 
@@ -67,7 +76,10 @@ def kl_estimate(model: FlowDensity, target: Target, n: int, chunk: int = 65536) 
     }
 
 
+@EXPERIMENTS.register("density")
 class DensityExperiment:
+    eval_keys = ["target", "flow", "k", "kl", "kl_stderr", "ess_fraction", "mean_weight", "log_z"]
+    eval_keys += ["samples"]
     single_thread = True
 
     def __init__(self, cfg, device: torch.device) -> None:
@@ -76,12 +88,16 @@ class DensityExperiment:
         stack = flows.build(cfg.flow.name, 2, cfg.flow.k, amortized=False, **cfg.flow.options)
         self.model = FlowDensity(stack, dim=2, learn_base=cfg.model.base == "diagonal").to(device)
         self.device = device
-        # The trainer swaps in a DistributedDataParallel wrapper and this rank's shard.
-        self.forward_model, self.shard = self.model, SINGLE
 
-    def train_loss(self, step: int, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
-        eps = torch.randn(self.cfg.train.batch_size, 2, device=self.device)
-        z, log_q = self.forward_model(self.shard.take(eps))
+    @staticmethod
+    def label(cfg) -> str:
+        return cfg.target.name
+
+    def batch(self, size: int) -> tuple[Tensor]:
+        return (torch.randn(size, 2, device=self.device),)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor], beta: float):
+        z, log_q = model(batch[0])
         energy = self.target.energy(z)
         loss = (log_q + beta * energy).mean()
         kl = (log_q + energy).mean().detach() + self.target.log_z
@@ -96,8 +112,70 @@ class DensityExperiment:
 
         return {"density": density_image(self.model, self.target)}
 
+    def evaluate(self, options: EvalOptions) -> dict[str, Any]:
+        samples = options.samples or self.cfg.eval.samples
+        torch.manual_seed(options.seed)
+        start = time.perf_counter()
+        stats = kl_estimate(self.model, self.target, samples)
+        return {
+            "kind": "density",
+            "target": self.cfg.target.name,
+            "flow": self.cfg.flow.name,
+            "k": self.cfg.flow.k,
+            **stats,
+            "samples": samples,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def sample(self, options: SampleOptions) -> None:
+        torch.manual_seed(options.seed)
+        if options.out_file.suffix.lower() == ".npz":
+            with torch.no_grad():
+                z, log_q = self.model.sample(options.n)
+            np.savez(
+                options.out_file, z=z.cpu().double().numpy(), log_q=log_q.cpu().double().numpy()
+            )
+            return
+        from flowvae.plots import density_figure, save_figure
+
+        title = f"{self.cfg.flow.name} K={self.cfg.flow.k}"
+        save_figure(density_figure(self.model, self.target, title=title), options.out_file)
+
     def summary(self) -> dict:
         return {"kind": "density", "target": self.cfg.target.name}
 
+    @classmethod
+    def report(cls, rows: list[dict], options: ReportOptions) -> list[str]:
+        from flowvae.plots import figure3_grid
 
-EXPERIMENTS.register("density")(DensityExperiment)
+        lines = ["## Density matching: KL(q‖p) in nats (± standard error)", "", kl_table(rows), ""]
+        if options.figure is not None:
+            models = {
+                (r["target"], r["flow"], r["k"]): options.load(
+                    Path(r["run"]) / "checkpoints" / "best.pt"
+                ).experiment.model
+                for r in rows
+            }
+            figure3_grid(rows, models, options.figure)
+            lines += [f"![Figure 3 grid]({options.figure.name})", ""]
+        return lines
+
+
+def kl_table(rows: list[dict]) -> str:
+    """Targets (rows) × (flow, K) (columns) of KL ± standard error."""
+    from flowvae.paper import flow_rank
+
+    ks = sorted({r["k"] for r in rows})
+    families = sorted({r["flow"] for r in rows}, key=flow_rank)
+    targets = sorted({r["target"] for r in rows})
+    by_key = {(r["target"], r["flow"], r["k"]): r for r in rows}
+    header = "| target | " + " | ".join(f"{f} K={k}" for f in families for k in ks) + " |"
+    lines = [header, "|---|" + "---:|" * (len(families) * len(ks))]
+    for t in targets:
+        cells = []
+        for f in families:
+            for k in ks:
+                r = by_key.get((t, f, k))
+                cells.append(f"{r['kl']:.3f} ± {r['kl_stderr']:.3f}" if r else "—")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,398 @@
+"""Experiment 2: a deep latent Gaussian model whose posterior is an amortised flow (DLGM+NF).
+
+The encoder maps x to the base parameters (μ, σ) *and* the flow parameters λ(x); one sample per
+data point is pushed through the K flows and scored with the annealed free energy
+
+    F^β(x) = E_q0[ log q0(z0) - Σ_k log|det J_k| - β (log p(x|z_K) + log p(z_K)) ]
+
+(Rezende & Mohamed 2015, §3.1/§6.2). β = 1 gives the negative ELBO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowvae import flows, psis
+from flowvae.distributed import gather_results
+from flowvae.errors import CheckpointError
+from flowvae.experiments.base import (
+    EXPERIMENTS,
+    EvalOptions,
+    ReportOptions,
+    SampleOptions,
+    gaussian_log_prob,
+)
+from flowvae.nets import mlp
+
+#: Share of images with Pareto k̂ > 0.7 above which `flowvae eval` warns that the -log p(x)
+#: estimate is unreliable (a few such images barely move a mean over thousands).
+UNRELIABLE_SHARE = 0.01
+
+#: Decoder rows per importance-sampling pass. On CPU, passes of a few thousand rows are as fast as
+#: larger ones and avoid fresh page-faulting allocations of tens of MB per layer (measured in
+#: docs/benchmarks.md); on a GPU larger passes keep the device busy.
+MAX_ROWS = {"cpu": 4000, "cuda": 65536}
+
+
+class FlowVAE(nn.Module):
+    def __init__(
+        self,
+        x_dim: int,
+        latent_dim: int,
+        hidden: list[int],
+        flow_name: str,
+        k: int,
+        activation: str = "maxout",
+        window: int = 4,
+        flow_options: dict | None = None,
+        precision: str = "float32",
+    ) -> None:
+        super().__init__()
+        if precision not in ("float32", "bf16"):
+            raise ValueError(f"precision must be 'float32' or 'bf16', got {precision!r}")
+        self.x_dim, self.latent_dim = x_dim, latent_dim
+        self.bf16 = precision == "bf16"
+        self.encoder = mlp(x_dim, hidden, activation, window)
+        self.decoder_body = mlp(latent_dim, list(reversed(hidden)), activation, window)
+        width = hidden[-1] if hidden else x_dim
+        self.flow = flows.build(flow_name, latent_dim, k, amortized=True, **(flow_options or {}))
+        self.mu = nn.Linear(width, latent_dim)
+        self.sigma = nn.Linear(width, latent_dim)
+        self.flow_head = nn.Linear(width, self.flow.num_params) if self.flow.num_params else None
+        self.decoder_out = nn.Linear(hidden[0] if hidden else latent_dim, x_dim)
+        if self.flow_head is not None:
+            # Start the flows close to their "small parameters" regime instead of whatever a
+            # wide random projection gives; the encoder grows them as they help.
+            nn.init.normal_(self.flow_head.weight, std=0.01 / math.sqrt(width))
+            nn.init.zeros_(self.flow_head.bias)
+
+    def nets(self, device: torch.device):
+        """The arithmetic of the encoder and decoder MLPs: bf16 autocast when asked for. Their
+        outputs are cast back to float32, so flows, log-dets and densities never see bf16."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """μ, σ and the flat flow parameters λ(x) (None without flow parameters)."""
+        with self.nets(x.device):
+            h = self.encoder(x)
+            mu, sigma = self.mu(h), self.sigma(h)
+            params = self.flow_head(h) if self.flow_head is not None else None
+        if self.bf16:
+            mu, sigma = mu.float(), sigma.float()
+            params = params.float() if params is not None else None
+        return mu, F.softplus(sigma) + 1e-4, params
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Bernoulli logits of p(x|z)."""
+        with self.nets(z.device):
+            logits = self.decoder_out(self.decoder_body(z))
+        return logits.float() if self.bf16 else logits
+
+    def log_weights(
+        self, x: Tensor, mu: Tensor, sigma: Tensor, params: Tensor | None, eps: Tensor
+    ) -> dict[str, Tensor]:
+        """log p(x|z_K), log p(z_K), log q_K(z_K) for z0 = μ + σ·eps (rows of x, mu, ... align)."""
+        z0 = mu + sigma * eps
+        log_q0 = gaussian_log_prob(eps) - sigma.log().sum(-1)
+        z, log_det = self.flow(z0, params)
+        log_px = bernoulli_log_lik(self.decode(z), x)
+        return {"log_px": log_px, "log_pz": gaussian_log_prob(z), "log_q": log_q0 - log_det}
+
+    def forward(self, x: Tensor, eps: Tensor | None = None) -> dict[str, Tensor]:
+        """One-sample terms per data point (base noise eps drawn here unless given)."""
+        mu, sigma, params = self.encode(x)
+        return self.log_weights(x, mu, sigma, params, torch.randn_like(mu) if eps is None else eps)
+
+
+def bernoulli_log_lik(logits: Tensor, x: Tensor) -> Tensor:
+    """log p(x|z) = Σ x·l - softplus(l) from logits (stable, no clamping). x may be (n, 1, d)
+    against logits (n·s, d), s consecutive rows per image, so importance samples never copy x."""
+    if x.shape == logits.shape:
+        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    grouped = logits.view(x.shape[0], -1, x.shape[-1])  # (n, s, d) rows of image i together
+    return ((grouped * x).sum(-1) - F.softplus(grouped).sum(-1)).reshape(-1)
+
+
+def free_energy(terms: dict[str, Tensor], beta: float) -> Tensor:
+    """Annealed free energy per data point; β = 1 is the negative ELBO."""
+    return terms["log_q"] - beta * (terms["log_px"] + terms["log_pz"])
+
+
+def negative_elbo(model: FlowVAE, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """-ELBO per image (one sample each)."""
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        terms = model(x[start : start + batch_size])
+        out.append(free_energy(terms, 1.0))
+    return torch.cat(out)
+
+
+def _repeat_rows(t: Tensor | None, s: int) -> Tensor | None:
+    """(n, d) -> (n*s, d) with each row repeated s times in a row."""
+    if t is None:
+        return None
+    n, d = t.shape
+    return t.unsqueeze(1).expand(n, s, d).reshape(n * s, d)
+
+
+class ImportanceSample(NamedTuple):
+    nll: Tensor  # (n,) -log (1/S Σ_s w_s)
+    neg_elbo: Tensor  # (n,) -(1/S) Σ_s log w_s
+    log_w: Tensor  # (n, S) the log-weights themselves, for diagnostics
+
+
+def importance_nll(
+    model: FlowVAE,
+    x: Tensor,
+    samples: int,
+    max_rows: int = 4000,
+    generator: torch.Generator | None = None,
+) -> ImportanceSample:
+    """Per-image -log p(x) ≈ -log (1/S Σ_s p(x, z_s)/q(z_s|x)) with exactly S samples, and -ELBO.
+
+    The encoder runs once per image; samples are processed in chunks of at most ``max_rows``
+    decoder rows and combined with logsumexp, so any S fits in memory.
+    """
+    n = x.shape[0]
+    mu, sigma, params = model.encode(x)
+    per_chunk = max(1, min(samples, max_rows // max(1, n)))
+    running = None
+    elbo_sum = torch.zeros(n, device=x.device, dtype=mu.dtype)
+    chunks = []
+    done = 0
+    while done < samples:
+        s = min(per_chunk, samples - done)
+        eps = torch.randn(
+            n * s, model.latent_dim, device=x.device, dtype=mu.dtype, generator=generator
+        )
+        mu_r, sigma_r, params_r = (_repeat_rows(t, s) for t in (mu, sigma, params))
+        terms = model.log_weights(x.unsqueeze(1), mu_r, sigma_r, params_r, eps)
+        log_w = (terms["log_px"] + terms["log_pz"] - terms["log_q"]).view(n, s)
+        chunks.append(log_w)
+        elbo_sum += log_w.sum(1)
+        chunk_lse = torch.logsumexp(log_w, dim=1)
+        running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
+        done += s
+    nll = -(running - math.log(samples))
+    return ImportanceSample(nll, -elbo_sum / samples, torch.cat(chunks, dim=1))
+
+
+def weight_diagnostics(log_w: Tensor) -> dict[str, Tensor]:
+    """Per image: the Pareto k̂ and effective sample size of its importance weights, and the
+    Pareto-smoothed -log p(x) (float64)."""
+    log_w = log_w.double()
+    smoothed, khat = psis.psis(log_w)
+    log_s = math.log(log_w.shape[1])
+    nll_psis = -(torch.logsumexp(smoothed, dim=1) - log_s)
+    return {"khat": khat, "ess": psis.ess(log_w), "nll_psis": nll_psis}
+
+
+def chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
+    """The noise stream of one evaluation chunk: fixed by (seed, chunk index) alone, so the
+    result does not depend on how chunks are spread over processes."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + chunk)
+
+
+def sharded_importance_nll(
+    model: FlowVAE, data: Tensor, options: EvalOptions, samples: int
+) -> dict[str, Tensor]:
+    """Per image of ``data`` (float64, CPU): -log p(x) ("nll"), -ELBO ("neg_elbo") and the
+    weight diagnostics of ``weight_diagnostics``.
+
+    Images are taken in chunks of max_rows // S; under torchrun each process evaluates every
+    world-th chunk and the per-image results are gathered, equal to a single process's.
+    """
+    max_rows = options.max_rows or MAX_ROWS.get(data.device.type, MAX_ROWS["cpu"])
+    shard = options.shard
+    per_chunk = max(1, max_rows // samples)
+    starts = list(range(0, data.shape[0], per_chunk))
+    results: dict[int, dict[str, Tensor]] = {}
+    with torch.inference_mode():
+        for i, lo in enumerate(starts[shard.rank :: shard.world]):
+            gen = chunk_generator(options.seed, lo // per_chunk, data.device)
+            est = importance_nll(model, data[lo : lo + per_chunk], samples, max_rows, gen)
+            per_image = {"nll": est.nll, "neg_elbo": est.neg_elbo, **weight_diagnostics(est.log_w)}
+            results[lo] = {key: v.double().cpu() for key, v in per_image.items()}
+            if options.progress is not None:
+                done = min((i + 1) * per_chunk * shard.world, data.shape[0])
+                options.progress(done, data.shape[0])
+    results = gather_results(results, shard)
+    return {key: torch.cat([results[lo][key] for lo in starts]) for key in results[starts[0]]}
+
+
+@EXPERIMENTS.register("vae")
+class VAEExperiment:
+    eval_keys = ["dataset", "split", "flow", "k", "neg_elbo", "nll", "nll_stderr", "nll_psis"]
+    eval_keys += ["iw_samples", "examples", "khat_over_0_5", "khat_over_0_7", "khat_max"]
+    eval_keys += ["ess_median", "ess_fraction_median"]
+    single_thread = False
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        from flowvae.data import DATASETS
+
+        self.cfg = cfg
+        self.device = device
+        self.data = DATASETS.get(cfg.data.name)(
+            root=cfg.data.root,
+            valid_size=cfg.data.valid_size,
+            binarize=cfg.data.binarize,
+            seed=cfg.seed,
+            device=device,
+            download=cfg.data.download,
+        )
+        m = cfg.model
+        self.model = FlowVAE(
+            x_dim=self.data.test.shape[1],
+            latent_dim=m.latent_dim,
+            hidden=list(m.hidden),
+            flow_name=cfg.flow.name,
+            k=cfg.flow.k,
+            activation=m.activation,
+            window=m.maxout_window,
+            flow_options=cfg.flow.options,
+            precision=m.precision,
+        ).to(device)
+
+    @staticmethod
+    def label(cfg) -> str:
+        return cfg.data.name
+
+    def batch(self, size: int) -> tuple[Tensor, Tensor]:
+        # Every rank draws the same global batch and noise and keeps its shard (distributed.py).
+        x = self.data.train_batch(size)
+        return x, torch.randn(x.shape[0], self.model.latent_dim, device=x.device)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor], beta: float):
+        terms = model(*batch)
+        loss = free_energy(terms, beta).mean()
+        with torch.no_grad():
+            metrics = {
+                "neg_elbo": free_energy(terms, 1.0).mean(),
+                "recon": -terms["log_px"].mean(),
+                "kl": (terms["log_q"] - terms["log_pz"]).mean(),
+            }
+        return loss, metrics
+
+    def validate(self) -> dict[str, float]:
+        x = self.data.valid if self.data.valid.shape[0] else self.data.test[:1000]
+        with torch.inference_mode():
+            neg_elbo = float(negative_elbo(self.model, x, self.cfg.eval.batch_size).mean())
+        return {"score": neg_elbo, "neg_elbo": neg_elbo}
+
+    def images(self) -> dict:
+        from flowvae.plots import image_grid
+
+        with torch.inference_mode():
+            z = torch.randn(64, self.model.latent_dim, device=self.device)
+            probs = torch.sigmoid(self.model.decode(z))
+        return {"samples": image_grid(self.as_images(probs).cpu(), nrow=8)}
+
+    def as_images(self, rows: Tensor) -> Tensor:
+        """(N, D) pixel rows -> (N, H, W) images of the dataset's shape."""
+        return rows.reshape(-1, *self.data.image_shape)
+
+    def evaluate(self, options: EvalOptions) -> dict[str, Any]:
+        """-ELBO and importance-sampled -log p(x) with exactly S samples per image."""
+        samples = options.iw_samples or self.cfg.eval.iw_samples
+        data = getattr(self.data, options.split)
+        if options.limit is not None:
+            data = data[: options.limit]
+        if data.shape[0] == 0:
+            raise CheckpointError(
+                f"the {options.split} split is empty (data.valid_size = 0?) — use --split test"
+            )
+        start = time.perf_counter()
+        per_image = sharded_importance_nll(self.model, data, options, samples)
+        nll, nelbo = per_image["nll"], per_image["neg_elbo"]
+        n = nll.numel()
+        diagnostics = psis.summary(per_image["khat"], per_image["ess"], samples)
+        if options.psis:
+            diagnostics["nll_psis"] = float(per_image["nll_psis"].mean())
+        if diagnostics["khat_over_0_7"] > UNRELIABLE_SHARE:
+            diagnostics["warning"] = (
+                f"{diagnostics['khat_over_0_7']:.1%} of images have Pareto k̂ > 0.7: their "
+                "importance weights are too heavy-tailed for S samples to be trusted, and "
+                "-log p(x) is likely overestimated — raise --iw-samples, or train a better q"
+            )
+        return {
+            "kind": "vae",
+            "dataset": self.cfg.data.name,
+            "split": options.split,
+            "flow": self.cfg.flow.name,
+            "k": self.cfg.flow.k,
+            "neg_elbo": float(nelbo.mean()),
+            "nll": float(nll.mean()),
+            "nll_stderr": float(nll.std()) / math.sqrt(n) if n > 1 else float("nan"),
+            "iw_samples": samples,
+            "examples": n,
+            **diagnostics,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def sample(self, options: SampleOptions) -> None:
+        from flowvae.plots import image_grid, save_png
+
+        model, n = self.model, options.n
+        torch.manual_seed(options.seed)
+        with torch.inference_mode():
+            if options.reconstruct:
+                x = self.data.test[:n]
+                mu, sigma, params = model.encode(x)
+                z, _ = model.flow(mu + sigma * torch.randn_like(mu), params)
+                probs = torch.sigmoid(model.decode(z))
+                arrays = {"x": x.cpu().numpy(), "reconstruction": probs.cpu().numpy()}
+                # pairs side by side: original, reconstruction, original, ...
+                tiles, nrow = self.as_images(torch.stack([x, probs], dim=1)), 16
+            else:
+                z = torch.randn(n, model.latent_dim, device=self.device)
+                probs = torch.sigmoid(model.decode(z))
+                arrays = {"z": z.cpu().numpy(), "probs": probs.cpu().numpy()}
+                tiles, nrow = self.as_images(probs), max(1, int(np.ceil(np.sqrt(n))))
+        if options.out_file.suffix.lower() == ".npz":
+            np.savez(options.out_file, **arrays)
+        else:
+            save_png(image_grid(tiles.cpu(), nrow=nrow), options.out_file)
+
+    def summary(self) -> dict:
+        return {"kind": "vae", "dataset": self.cfg.data.name}
+
+    @classmethod
+    def report(cls, rows: list[dict], options: ReportOptions) -> list[str]:
+        from flowvae.plots import nll_plot
+
+        lines = ["## Flow VAE on binarised MNIST", "", nll_table(rows), ""]
+        if options.plot is not None:
+            nll_plot(rows, options.plot)
+            lines += [f"![-log p(x) against K]({options.plot.name})", ""]
+        return lines
+
+
+def nll_table(rows: list[dict]) -> str:
+    from flowvae.paper import flow_rank, paper_nll
+
+    lines = [
+        "| flow | K | −ELBO | −log p(x) ± s.e. | IS samples | paper −log p(x) | steps | train min | hardware |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (*flow_rank(r["flow"]), r["k"])):
+        paper = paper_nll(r["flow"], r["k"])
+        paper_cell = f"≤ {paper:.1f}" if paper else "—"
+        seconds = r["info"].get("train_seconds")
+        minutes = f"{seconds / 60:.1f}" if seconds is not None else "?"
+        lines.append(
+            f"| {'none' if r['k'] == 0 else r['flow']} | {r['k']} | {r['neg_elbo']:.2f} | "
+            f"{r['nll']:.2f} ± {r['nll_stderr']:.2f} | {r['iw_samples']} | {paper_cell} | "
+            f"{r['info'].get('steps', r.get('step', '?'))} | {minutes} | "
+            f"{r['info'].get('hardware', '?')} |"
+        )
+    return "\n".join(lines)
