@@ -118,3 +118,43 @@ def test_sample_outputs(vae_runs, run_cli):
     assert z.shape == (16, 40)
     assert probs.reshape(16, -1).shape == (16, 784)
     assert np.isfinite(z).all() and ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_eval_says_whether_the_importance_weights_can_be_trusted(vae_runs, run_cli):
+    """Per-image Pareto k̂ and ESS summarised in the JSON, the PSIS estimate with --psis, and a
+    warning on stderr exactly when many images have k̂ > 0.7."""
+    run = vae_runs["trained"]
+    proc = run_cli(
+        "eval", run / "checkpoints" / "best.pt", "--json", "--iw-samples", "100", "--limit", "300",
+        "--psis", cwd=run,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert 0 <= r["khat_over_0_7"] <= r["khat_over_0_5"] <= 1
+    assert math.isfinite(r["khat_max"]) and r["khat_max"] > 0.5 * r["khat_over_0_5"]
+    assert 1 <= r["ess_median"] <= 100
+    assert r["ess_fraction_median"] == pytest.approx(r["ess_median"] / 100)
+    # After 300 steps q is far too narrow for most images: smoothing their heavy tails moves
+    # the estimate (tests/test_psis.py checks that a light tail leaves it alone).
+    assert math.isfinite(r["nll_psis"])
+    warned = "warning:" in proc.stderr and "k̂ > 0.7" in proc.stderr
+    assert warned == (r["khat_over_0_7"] > 0.01), (r["khat_over_0_7"], proc.stderr)
+    assert ("warning" in r) == warned
+
+
+def test_report_shows_the_weight_diagnostics(vae_runs, run_cli, tmp_path):
+    run = vae_runs["trained"]
+    proc = run_cli(
+        "eval", run / "checkpoints" / "best.pt", "--json", "--iw-samples", "100", "--limit", "200",
+        cwd=run,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run / "eval.json").write_text(proc.stdout)
+    result = json.loads(proc.stdout)
+    proc = run_cli("report", run, "--out", tmp_path / "r.md", "--plot", tmp_path / "k.png")
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "r.md").read_text()
+    assert "k̂ > 0.7" in table and "median ESS" in table
+    row = next(line for line in table.splitlines() if line.startswith("| planar | 4 |"))
+    assert f"{result['khat_over_0_7']:.1%}" in row and f"{result['ess_median']:.1f}" in row
+    assert (tmp_path / "k.png").read_bytes()[:8] == PNG_MAGIC
