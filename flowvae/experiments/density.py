@@ -162,20 +162,27 @@ class DensityExperiment:
 
 
 def kl_table(rows: list[dict]) -> str:
-    """Targets (rows) × (flow, K) (columns) of KL ± standard error."""
+    """Targets (rows) × (flow, K) (columns) of KL ± standard error; with several seeds of a cell,
+    each seed's KL in seed order, separated by slashes."""
     from flowvae.paper import flow_rank
 
     ks = sorted({r["k"] for r in rows})
     families = sorted({r["flow"] for r in rows}, key=flow_rank)
     targets = sorted({r["target"] for r in rows})
-    by_key = {(r["target"], r["flow"], r["k"]): r for r in rows}
+    cells: dict[tuple, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r.get("config", {}).get("seed", 0)):
+        cells.setdefault((r["target"], r["flow"], r["k"]), []).append(r)
     header = "| target | " + " | ".join(f"{f} K={k}" for f in families for k in ks) + " |"
     lines = [header, "|---|" + "---:|" * (len(families) * len(ks))]
     for t in targets:
-        cells = []
-        for f in families:
-            for k in ks:
-                r = by_key.get((t, f, k))
-                cells.append(f"{r['kl']:.3f} ± {r['kl_stderr']:.3f}" if r else "—")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        row = [_kl_cell(cells.get((t, f, k), [])) for f in families for k in ks]
+        lines.append(f"| {t} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _kl_cell(runs: list[dict]) -> str:
+    if not runs:
+        return "—"
+    if len(runs) == 1:
+        return f"{runs[0]['kl']:.3f} ± {runs[0]['kl_stderr']:.3f}"
+    return " / ".join(f"{r['kl']:.3f}" for r in runs)
