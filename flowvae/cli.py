@@ -29,7 +29,8 @@ app = typer.Typer(
     help=(
         "Variational inference with normalizing flows (Rezende & Mohamed, 2015).\n\n"
         "Fit planar, radial, NICE and later flows to the paper's 2-D energies U1..U4, or train "
-        "a flow VAE on binarised MNIST, from a YAML config. Start with:\n\n"
+        "a flow VAE on an image dataset (binarised MNIST, CIFAR-10 patches, ...; `flowvae list`), "
+        "from a YAML config. Start with:\n\n"
         "  flowvae train --config configs/energy.yaml\n\n"
         "  flowvae eval runs/U1-planar-k32-s0/checkpoints/best.pt\n\n"
         "  flowvae sample runs/U1-planar-k32-s0/checkpoints/best.pt --out fig.png"
@@ -173,7 +174,8 @@ def evaluate(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     data_root: Annotated[
-        str | None, typer.Option("--data-root", help="VAE runs: folder with the MNIST files.")
+        str | None,
+        typer.Option("--data-root", help="VAE runs: the dataset's folder (npz: the file)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation's samples.")] = 0,
     psis: Annotated[
@@ -252,7 +254,8 @@ def sample(
     ] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     data_root: Annotated[
-        str | None, typer.Option("--data-root", help="VAE runs: folder with the MNIST files.")
+        str | None,
+        typer.Option("--data-root", help="VAE runs: the dataset's folder (npz: the file)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the samples.")] = 0,
 ) -> None:
@@ -303,6 +306,14 @@ def sweep(
     samples: Annotated[
         int | None, typer.Option("--samples", min=2, help="Density runs: samples for eval.")
     ] = None,
+    checkpoint: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint",
+            help="Which checkpoint each run's eval.json evaluates: best (chosen on validation "
+            "data) or last.",
+        ),
+    ] = "best",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Train and evaluate a grid of runs, one after another.
@@ -310,6 +321,7 @@ def sweep(
     Finished runs are skipped and interrupted ones resumed, so running the same command again
     continues the sweep. Each run folder gets an eval.json for `flowvae report`.
     """
+    from flowvae.errors import ConfigError
     from flowvae.experiments import EvalOptions
     from flowvae.runs import evaluate, load_run
     from flowvae.sweep import sweep as run_sweep
@@ -318,8 +330,12 @@ def sweep(
     def train_fn(cfg, run_dir, resume):
         run_training(cfg, run_dir, resume=resume, console=err, progress=not no_progress)
 
-    def eval_fn(ckpt):
-        return evaluate(load_run(ckpt), EvalOptions(samples=samples, iw_samples=iw_samples))
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"--checkpoint {checkpoint!r} is not allowed (choices: best, last)")
+
+    def eval_fn(run_dir: Path):
+        run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
+        return evaluate(run, EvalOptions(samples=samples, iw_samples=iw_samples))
 
     run_sweep(
         config,
@@ -403,10 +419,12 @@ def verify(
 
 @app.command("list")
 def list_() -> None:
-    """List the registered flows, targets, datasets and experiments."""
+    """List the registered flows, targets, datasets, likelihoods and experiments, then each
+    dataset's default likelihood, split and source (`--set data.name=NAME` switches)."""
     from flowvae import flows
     from flowvae.data import DATASETS
     from flowvae.experiments import EXPERIMENTS
+    from flowvae.likelihoods import LIKELIHOODS
     from flowvae.targets import TARGETS
 
     table = Table(show_header=True)
@@ -415,8 +433,16 @@ def list_() -> None:
     table.add_row("flows", ", ".join(flows.available()))
     table.add_row("targets", ", ".join(TARGETS.names()))
     table.add_row("datasets", ", ".join(DATASETS.names()))
+    table.add_row("likelihoods", ", ".join(LIKELIHOODS.names()))
     table.add_row("experiments", ", ".join(EXPERIMENTS.names()))
     out.print(table)
+    datasets = Table(show_header=True)
+    for column in ("dataset", "likelihood", "split", "source"):
+        datasets.add_column(column, overflow="fold")
+    for name in DATASETS.names():
+        entry = DATASETS.get(name)
+        datasets.add_row(name, entry.likelihood, entry.split, entry.source)
+    out.print(datasets)
 
 
 @app.command()

@@ -42,17 +42,29 @@ class TargetConfig:
 
 @dataclass
 class DataConfig:
-    name: str = opt("mnist", doc="dataset for the VAE experiment")
+    name: str = opt("mnist", doc="dataset for the VAE experiment (`flowvae list`)")
     root: str | None = opt(
         None,
-        doc="folder with the MNIST IDX files (default: $FLOWVAE_DATA or ~/.cache/flowvae/mnist)",
+        doc="folder with the dataset's files, or the .npz file for npz (default: "
+        "$FLOWVAE_DATA/<name>, else ~/.cache/flowvae/<name>)",
     )
     binarize: str = opt(
         "dynamic",
         choices=("dynamic", "static"),
-        doc="fresh Bernoulli draw per batch, or one seeded draw",
+        doc="training pixels: fresh noise every batch (Bernoulli draws; dequantisation noise and "
+        "patch positions for continuous data), or one seeded draw",
     )
-    valid_size: int = opt(10000, ge=0, doc="training images held out for model selection")
+    valid_size: int | None = opt(
+        None,
+        ge=0,
+        doc="training images held out for model selection (null: the dataset's own split)",
+    )
+    eps: float = opt(
+        1e-3,
+        gt=0,
+        doc="continuous likelihoods: pixels are squeezed into (eps, 1 - eps), eps < 0.5, so "
+        "their logits stay finite",
+    )
     download: bool = opt(True, doc="download missing files from the public mirrors")
 
 
@@ -76,6 +88,11 @@ class ModelConfig:
     )
     maxout_window: int = opt(4, gt=0, doc="pieces per maxout unit")
     latent_dim: int = opt(40, gt=0, doc="latent dimension D of the VAE")
+    likelihood: str | None = opt(
+        None,
+        doc="p(x|z) of the VAE decoder (`flowvae list`; null: the dataset's default, bernoulli "
+        "for binarised images, logit_normal for cifar10_patches)",
+    )
     precision: str = opt(
         "float32",
         choices=("float32", "bf16"),
@@ -337,6 +354,7 @@ def _check_names(cfg: Config) -> None:
     from flowvae import flows
     from flowvae.data import DATASETS
     from flowvae.experiments import EXPERIMENTS
+    from flowvae.likelihoods import LIKELIHOODS
     from flowvae.targets import TARGETS
 
     for key, name, registry in (
@@ -344,8 +362,9 @@ def _check_names(cfg: Config) -> None:
         ("flow.name", cfg.flow.name, flows.FLOWS),
         ("target.name", cfg.target.name, TARGETS),
         ("data.name", cfg.data.name, DATASETS),
+        ("model.likelihood", cfg.model.likelihood, LIKELIHOODS),
     ):
-        if name not in registry:
+        if name is not None and name not in registry:
             subject = f"config key {key} = {name!r} is unknown"
             raise ConfigError(unknown_name(subject, name, registry.names()))
     allowed = flows.option_names(cfg.flow.name)

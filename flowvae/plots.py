@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowvae.paper import PaperTable
+
 BOX = 4.0  # the paper's [-4, 4]² window
 
 
@@ -66,16 +68,20 @@ def density_image(model, target) -> np.ndarray:
 
 
 def image_grid(images: Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
-    """(N, H, W) in [0, 1] -> an (rows*H, nrow*W, 3) uint8 mosaic."""
-    n, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    canvas = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.float32)
+    """(N, H, W) grey or (N, C, H, W) images in [0, 1] (C = 1 or 3) -> an (rows*H, nrow*W, 3)
+    uint8 mosaic."""
     arr = images.detach().float().clamp(0, 1).cpu().numpy()
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    arr = np.broadcast_to(arr, (arr.shape[0], 3, *arr.shape[2:])).transpose(0, 2, 3, 1)
+    n, h, w, _ = arr.shape
+    rows = math.ceil(n / nrow)
+    canvas = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), dtype=np.float32)
     for i in range(n):
         r, c = divmod(i, nrow)
         top, left = pad + r * (h + pad), pad + c * (w + pad)
         canvas[top : top + h, left : left + w] = arr[i]
-    return (np.repeat(canvas[..., None], 3, axis=-1) * 255).astype(np.uint8)
+    return (canvas * 255).astype(np.uint8)
 
 
 def save_png(array: np.ndarray, path) -> None:
@@ -91,17 +97,17 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
-def nll_plot(rows: list[dict], path) -> None:
-    """Measured −log p(x) ± s.e. against K per flow family, with the paper's values dashed."""
+def nll_plot(rows: list[dict], path, paper: PaperTable | None = None) -> None:
+    """Measured −log p(x) ± s.e. against K per flow family, with the values of ``paper`` (a
+    flowvae.paper.PaperTable, or None) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flowvae.paper import paper_nll
-
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     base = [r for r in rows if r["k"] == 0]
+    paper_ks = sorted({0, *(k for _, k in paper.values)}) if paper is not None else []
     for flow in sorted({r["flow"] for r in rows if r["k"] > 0}):
         pts = sorted(
             [r for r in rows if r["flow"] == flow and r["k"] > 0] + base, key=lambda r: r["k"]
@@ -114,9 +120,11 @@ def nll_plot(rows: list[dict], path) -> None:
             label=f"{flow} (measured)",
             capsize=2,
         )
-        paper = [(k, paper_nll(flow, k)) for k in (0, 10, 20, 40, 80) if paper_nll(flow, k)]
-        if paper:
-            ax.plot(*zip(*paper), linestyle="--", marker="x", alpha=0.6, label=f"{flow} (paper)")
+        published = [(k, paper.nll(flow, k)) for k in paper_ks if paper.nll(flow, k) is not None]
+        if published:
+            ax.plot(
+                *zip(*published), linestyle="--", marker="x", alpha=0.6, label=f"{flow} (paper)"
+            )
     ax.set_xlabel("flow length K")
     ax.set_ylabel("test −log p(x) (nats)")
     ax.legend(fontsize=7)

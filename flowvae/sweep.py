@@ -70,7 +70,7 @@ def sweep(
     out_root: Path,
     overrides: list[str],
     train_fn: Callable,
-    eval_fn: Callable[[Path], dict],
+    eval_fn: Callable[[Path], dict],  # run folder -> eval.json contents
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     points = parse_grid(grid)
@@ -85,6 +85,6 @@ def sweep(
                 train_fn(cfg, run_dir, resume=status == "partial")
                 status = "trained"
             if status == "trained":
-                result = eval_fn(run_dir / "checkpoints" / "best.pt")
+                result = eval_fn(run_dir)
                 checkpoint.write_text_atomic(run_dir / "eval.json", json.dumps(result) + "\n")
     return [out_root / p.name for p in points]

@@ -104,6 +104,13 @@ BAD_INPUTS = [
         ["data.name", "'mnistt'", "did you mean 'mnist'"],
     ),
     case(
+        "likelihood-typo",
+        ENERGY,
+        ["--set", "experiment=vae", "--set", "model.likelihood=logit_norm"],
+        ["model.likelihood", "'logit_norm'", "did you mean 'logit_normal'"],
+    ),
+    case("eps-zero", ENERGY, ["--set", "data.eps=0"], ["data.eps", "out of range", "> 0"]),
+    case(
         "flow-option",
         ENERGY,
         ["--set", "flow.name=nice", "--set", "flow.options={hiden: [3]}"],

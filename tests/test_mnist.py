@@ -216,12 +216,15 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 
 def test_registry_and_default_root(monkeypatch, tmp_path):
-    assert DATASETS.get("mnist") is load_mnist
+    entry = DATASETS.get("mnist")
+    assert entry.load is load_mnist and entry.likelihood == "bernoulli"
     assert "mnist" in DATASETS
     with pytest.raises(UnknownNameError, match="did you mean 'mnist'"):
         DATASETS.get("mnsit")
     monkeypatch.setenv("FLOWVAE_DATA", str(tmp_path))
-    assert default_root() == tmp_path
+    assert default_root() == tmp_path / "mnist"  # one folder per dataset under FLOWVAE_DATA
+    (tmp_path / TRAIN_LABELS).write_bytes(b"")
+    assert default_root() == tmp_path  # ... unless the MNIST files sit in it (the old rule)
     monkeypatch.delenv("FLOWVAE_DATA")
     assert default_root() == Path.home() / ".cache" / "flowvae" / "mnist"
 

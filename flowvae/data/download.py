@@ -1,4 +1,4 @@
-"""Download a file from a list of mirrors, verify its SHA256, move it into place atomically."""
+"""Download a file from a list of mirrors, verify its checksum, move it into place atomically."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from pathlib import Path
 
 from ..errors import DataError
 
-__all__ = ["MNIST_MIRRORS", "DownloadError", "fetch", "sha256_of"]
+__all__ = [
+    "MNIST_MIRRORS",
+    "DownloadError",
+    "ensure_file",
+    "fetch",
+    "file_digest",
+    "sha256_of",
+]
 
 MNIST_MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -35,13 +42,18 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """Hex SHA256 of a file, read in chunks."""
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """Hex digest of a file (``algorithm``: any hashlib name, e.g. sha256 or md5), in chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """Hex SHA256 of a file, read in chunks."""
+    return file_digest(path, "sha256")
 
 
 def _progress(enabled: bool):
@@ -67,9 +79,9 @@ def _progress(enabled: bool):
     )
 
 
-def _download_once(url: str, tmp, timeout: float, progress: bool, label: str):
-    """Stream ``url`` into the open file ``tmp``; return the hex SHA256 of what was written."""
-    h = hashlib.sha256()
+def _download_once(url: str, tmp, timeout: float, progress: bool, label: str, algorithm: str):
+    """Stream ``url`` into the open file ``tmp``; return the hex digest of what was written."""
+    h = hashlib.new(algorithm)
     with urllib.request.urlopen(url, timeout=timeout) as response:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
@@ -89,11 +101,13 @@ def fetch(
     mirrors: Sequence[str] = MNIST_MIRRORS,
     progress: bool = True,
     timeout: float = 30.0,
+    algorithm: str = "sha256",
 ) -> Path:
     """Download ``filename`` into ``folder`` from the first mirror that serves a good copy.
 
     Each mirror is a base URL (``filename`` is appended). The file is written to a
-    temporary file in ``folder``, checked against ``sha256`` (skipped when None) and
+    temporary file in ``folder``, checked against the hex digest ``sha256`` (of ``algorithm``,
+    SHA256 unless told otherwise; skipped when None) and
     only then renamed into place with :func:`os.replace`, so ``folder`` never holds a
     partial or unverified ``filename``. A failed mirror (network error, HTTP error,
     checksum mismatch) falls through to the next; when all fail a
@@ -129,7 +143,7 @@ def fetch(
         try:
             try:
                 with tmp:
-                    digest = _download_once(url, tmp, timeout, progress, f"{filename}")
+                    digest = _download_once(url, tmp, timeout, progress, filename, algorithm)
             except urllib.error.HTTPError as e:
                 reasons.append(f"{url}: HTTP {e.code} {_one_line(e.reason)}")
                 continue
@@ -141,7 +155,9 @@ def fetch(
                 continue
             if sha256 is not None and digest != sha256.lower():
                 checksum_failed = True
-                reasons.append(f"{url}: SHA256 mismatch (expected {sha256}, got {digest})")
+                reasons.append(
+                    f"{url}: {algorithm.upper()} mismatch (expected {sha256}, got {digest})"
+                )
                 continue
             os.replace(tmp_path, target)
             return target
@@ -159,3 +175,48 @@ def fetch(
         reasons,
         checksum_failed,
     )
+
+
+def ensure_file(
+    filename: str,
+    folder: str | os.PathLike[str],
+    digest: str,
+    *,
+    title: str,
+    mirrors: Sequence[str],
+    algorithm: str = "sha256",
+    download: bool = True,
+    progress: bool = True,
+) -> Path:
+    """``folder/filename``, checked against its hex ``digest``, downloaded first if missing.
+
+    A present file with another digest, a missing one with downloading off, and a failed
+    download are each one-line :class:`DataError`s naming the file and the folder (``title``
+    names the dataset in them).
+    """
+    folder = Path(folder).expanduser()
+    path = folder / filename
+    if path.is_file():
+        found = file_digest(path, algorithm)
+        if found != digest.lower():
+            raise DataError(
+                f"{path} has a checksum mismatch ({algorithm.upper()} {found}, expected "
+                f"{digest}) — delete it to re-download, or replace it with a good copy"
+            )
+        return path
+    hint = "or set FLOWVAE_DATA to a folder that has it"
+    if not download:
+        raise DataError(
+            f"{title} is not in {folder} and downloading is off: put {filename} there, {hint}, "
+            "or allow downloading"
+        )
+    try:
+        return fetch(filename, folder, digest, mirrors, progress=progress, algorithm=algorithm)
+    except DownloadError as e:
+        if e.checksum_failed:
+            raise
+        last = e.reasons[-1] if e.reasons else "no mirrors given"
+        raise DataError(
+            f"{title} is not in {folder} and could not be downloaded (no network? {last}): "
+            f"put {filename} there, {hint}"
+        ) from None

@@ -1,29 +1,55 @@
-"""Binarised MNIST (60k train file split into train/valid, 10k test), found, fetched and checked."""
+"""MNIST and the datasets in its IDX format (Fashion-MNIST): found, fetched, checked, split.
+
+Source: the four gzipped IDX files of Y. LeCun's MNIST, from the PyTorch and Google mirrors,
+each checked against the SHA256 below. Split: the first 60,000 − valid_size training images
+train, the last valid_size (default 10,000) validate, the 10,000 test images test.
+Preprocessing: binarised like :mod:`flowvae.data.images` says (dynamic or static Bernoulli
+draws; validation and test drawn once with fixed seeds), or dequantised for a continuous
+likelihood.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..paper import TABLE2
+from .catalog import DATASETS, DatasetEntry, data_root
 from .download import MNIST_MIRRORS, DownloadError, fetch, sha256_of
 from .idx import read_idx
+from .images import (
+    BINARIZE_MODES,
+    TEST_SEED,
+    VALID_SEED,
+    ImageData,
+    build,
+    check_binarize,
+    check_valid_size,
+)
+from .pixels import DEFAULT_EPS
 
 __all__ = [
     "TRAIN_IMAGES",
     "TRAIN_LABELS",
     "TEST_IMAGES",
     "TEST_LABELS",
+    "BINARIZE_MODES",
     "FILES",
     "SHA256",
+    "TEST_SEED",
+    "VALID_SEED",
+    "MNIST",
     "BinaryMNIST",
+    "IdxSource",
     "default_root",
     "ensure_files",
+    "load_idx_dataset",
     "load_mnist",
 ]
 
@@ -50,27 +76,40 @@ SHAPES: dict[str, tuple[int, ...]] = {
 
 N_TRAIN_FILE = 60000
 PIXELS = 784
-BINARIZE_MODES = ("dynamic", "static")
-VALID_SEED = 1234  # the validation and test sets are binarised once, independent of `seed`
-TEST_SEED = 4321
+IMAGE_SHAPE = (28, 28)
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """A dataset of MNIST's four IDX files (60,000 train and 10,000 test images of 28×28 bytes,
+    labels 0-9): what it is called, where its files come from and their SHA256."""
+
+    title: str
+    folder: str  # default folder under $FLOWVAE_DATA or ~/.cache/flowvae
+    sha256: dict[str, str] = field(repr=False)
+    mirrors: tuple[str, ...]
+
+
+MNIST = IdxSource("MNIST", "mnist", SHA256, MNIST_MIRRORS)
 
 
 def default_root() -> Path:
-    """``$FLOWVAE_DATA`` if set, else ``~/.cache/flowvae/mnist``."""
+    """Where MNIST lives by default: ``$FLOWVAE_DATA/mnist``, or ``$FLOWVAE_DATA`` itself when the
+    MNIST files are there (the rule before other datasets), else ``~/.cache/flowvae/mnist``."""
     env = os.environ.get("FLOWVAE_DATA")
-    if env:
+    if env and any((Path(env).expanduser() / name).is_file() for name in FILES):
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "flowvae" / "mnist"
+    return data_root(MNIST.folder)
 
 
-def _fix(path: Path) -> str:
+def _fix(path: Path, source: IdxSource) -> str:
     return (
         f"delete {path.name} and run again to re-download it, "
-        "or replace it with a good copy of the MNIST file"
+        f"or replace it with a good copy of the {source.title} file"
     )
 
 
-def _find(root: Path) -> tuple[dict[str, Path], list[str]]:
+def _find(root: Path, source: IdxSource) -> tuple[dict[str, Path], list[str]]:
     """Present files (gz checksummed, raw as they are) and the names of the missing ones."""
     found: dict[str, Path] = {}
     missing: list[str] = []
@@ -78,10 +117,11 @@ def _find(root: Path) -> tuple[dict[str, Path], list[str]]:
         gz, raw = root / name, root / name[: -len(".gz")]
         if gz.is_file():
             digest = sha256_of(gz)
-            if digest != SHA256[name]:
+            if digest != source.sha256[name]:
                 raise DataError(
-                    f"{gz} has a checksum mismatch (SHA256 {digest}, expected {SHA256[name]}) — "
-                    "delete it to re-download, or replace it with a good copy"
+                    f"{gz} has a checksum mismatch (SHA256 {digest}, expected "
+                    f"{source.sha256[name]}) — delete it to re-download, or replace it with a "
+                    f"good copy of the {source.title} file"
                 )
             found[name] = gz
         elif raw.is_file():
@@ -94,154 +134,132 @@ def _find(root: Path) -> tuple[dict[str, Path], list[str]]:
 def ensure_files(
     root: str | os.PathLike[str] | None = None,
     download: bool = True,
-    mirrors: Sequence[str] = MNIST_MIRRORS,
+    mirrors: Sequence[str] | None = None,
     progress: bool = True,
+    source: IdxSource = MNIST,
 ) -> dict[str, Path]:
-    """Return ``{gz filename: path}`` for the four MNIST files in ``root``, fetching missing ones.
+    """Return ``{gz filename: path}`` for the four IDX files in ``root``, fetching missing ones.
 
     Each file may be gzipped (``name.gz``, checked against its SHA256) or
     un-gzipped (``name`` without ``.gz``, checked by magic number and size when read).
-    Missing files are downloaded when ``download`` is true; otherwise, or when the
-    download fails, a one-line :class:`DataError` names the missing files and the folder.
+    Missing files are downloaded (from ``mirrors``, default the source's) when ``download`` is
+    true; otherwise, or when the download fails, a one-line :class:`DataError` names the
+    missing files and the folder.
     """
-    root = default_root() if root is None else Path(root).expanduser()
-    found, missing = _find(root)
+    if root is None:
+        root = default_root() if source is MNIST else data_root(source.folder)
+    root = Path(root).expanduser()
+    mirrors = source.mirrors if mirrors is None else mirrors
+    found, missing = _find(root, source)
     hint = "or set FLOWVAE_DATA to a folder that has them"
     if missing and not download:
         raise DataError(
-            f"MNIST is not in {root} and downloading is off: put {', '.join(missing)} there, "
-            f"{hint}, or allow downloading"
+            f"{source.title} is not in {root} and downloading is off: put "
+            f"{', '.join(missing)} there, {hint}, or allow downloading"
         )
     for i, name in enumerate(missing):
         try:
-            found[name] = fetch(name, root, SHA256[name], mirrors=mirrors, progress=progress)
+            found[name] = fetch(name, root, source.sha256[name], mirrors=mirrors, progress=progress)
         except DownloadError as e:
             if e.checksum_failed:
                 raise
             left = missing[i:]
             last = e.reasons[-1] if e.reasons else "no mirrors given"
             raise DataError(
-                f"MNIST is not in {root} and could not be downloaded (no network? {last}): "
-                f"put {', '.join(left)} there, {hint}"
+                f"{source.title} is not in {root} and could not be downloaded (no network? "
+                f"{last}): put {', '.join(left)} there, {hint}"
             ) from None
     return found
 
 
-def _read(path: Path, name: str) -> Tensor:
-    data = read_idx(path, fix=_fix(path))
+def _read(path: Path, name: str, source: IdxSource) -> Tensor:
+    data = read_idx(path, fix=_fix(path, source))
     if tuple(data.shape) != SHAPES[name]:
         raise DataError(
             f"{path} has shape {tuple(data.shape)}, expected {SHAPES[name]} for {name} — "
-            f"{_fix(path)}"
+            f"{_fix(path, source)}"
         )
     if name in (TRAIN_LABELS, TEST_LABELS) and data.numel() and int(data.max()) > 9:
         raise DataError(
-            f"{path} holds labels up to {int(data.max())}, expected digits 0-9 — {_fix(path)}"
+            f"{path} holds labels up to {int(data.max())}, expected 0-9 — {_fix(path, source)}"
         )
     return data
 
 
-def _binarize_once(images: Tensor, seed: int) -> Tensor:
-    """Bernoulli-sample uint8 intensities with a local generator (the global RNG is untouched)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(images.float().div_(255.0), generator=gen)
+#: MNIST's data before other datasets existed; every dataset now loads into ImageData.
+BinaryMNIST = ImageData
 
 
-@dataclass(repr=False)
-class BinaryMNIST:
-    """Binarised MNIST on one device.
-
-    ``train`` holds uint8 intensities 0..255 (``binarize="dynamic"``: every
-    :meth:`train_batch` samples fresh binary pixels) or uint8 {0, 1}
-    (``binarize="static"``: binarised once at load time). ``valid`` and ``test`` are
-    float32 {0, 1}, binarised once with fixed seeds. Labels are int64 digits.
-    """
-
-    train: Tensor
-    valid: Tensor
-    test: Tensor
-    binarize: str
-    train_labels: Tensor | None = None
-    valid_labels: Tensor | None = None
-    test_labels: Tensor | None = None
-    #: (height, width) of one image; rows of train/valid/test are its pixels flattened.
-    image_shape: tuple[int, int] = (28, 28)
-
-    @property
-    def device(self) -> torch.device:
-        return self.train.device
-
-    def train_batch(self, batch_size: int) -> Tensor:
-        """A (batch_size, 784) float32 {0, 1} batch drawn with replacement.
-
-        Uses the global torch RNG of the data's device (indices and, if dynamic,
-        the Bernoulli pixels), so restoring a checkpointed RNG state resumes exactly.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        n = self.train.shape[0]
-        if n == 0:
-            raise DataError("the training set is empty — use a smaller valid_size")
-        idx = torch.randint(0, n, (batch_size,), device=self.train.device)
-        x = self.train[idx].float()
-        if self.binarize == "dynamic":
-            return torch.bernoulli(x.div_(255.0))
-        return x
-
-    def __repr__(self) -> str:
-        return (
-            f"BinaryMNIST(train={tuple(self.train.shape)}, valid={tuple(self.valid.shape)}, "
-            f"test={tuple(self.test.shape)}, binarize={self.binarize!r}, device={self.device})"
-        )
-
-
-def load_mnist(
+def load_idx_dataset(
+    source: IdxSource,
     root: str | os.PathLike[str] | None = None,
-    valid_size: int = 10000,
+    valid_size: int | None = 10000,
     binarize: str = "dynamic",
     seed: int = 0,
     device: str | torch.device = "cpu",
     download: bool = True,
-    mirrors: Sequence[str] = MNIST_MIRRORS,
+    mirrors: Sequence[str] | None = None,
     progress: bool = True,
-) -> BinaryMNIST:
-    """Load binarised MNIST from ``root`` (default :func:`default_root`), downloading if needed.
-
-    The validation set is the last ``valid_size`` images of the 60k training file,
-    the training set the first ``60000 - valid_size``. Validation and test pixels are
-    binarised once with fixed seeds (1234 and 4321), independent of
-    ``seed``; ``seed`` only sets the one-off binarisation of the training set when
-    ``binarize="static"``.
-    """
-    if binarize not in BINARIZE_MODES:
-        raise DataError(f"binarize must be 'dynamic' or 'static', got {binarize!r}")
-    if isinstance(valid_size, bool) or not isinstance(valid_size, int):
-        raise DataError(f"valid_size must be an integer, got {valid_size!r}")
-    if not 0 <= valid_size < N_TRAIN_FILE:
-        raise DataError(
-            f"valid_size must be between 0 and {N_TRAIN_FILE - 1} (the last valid_size of the "
-            f"{N_TRAIN_FILE} training images are held out), got {valid_size}"
-        )
-    device = torch.device(device)
-
-    paths = ensure_files(root, download=download, mirrors=mirrors, progress=progress)
-    images = _read(paths[TRAIN_IMAGES], TRAIN_IMAGES).reshape(N_TRAIN_FILE, PIXELS)
-    labels = _read(paths[TRAIN_LABELS], TRAIN_LABELS).long()
-    test_images = _read(paths[TEST_IMAGES], TEST_IMAGES).reshape(-1, PIXELS)
-    test_labels = _read(paths[TEST_LABELS], TEST_LABELS).long()
-
+    pixels: str = "binary",
+    eps: float = DEFAULT_EPS,
+) -> ImageData:
+    """Load an IDX dataset from ``root``, downloading missing files; see :func:`load_mnist`."""
+    check_binarize(binarize)
+    valid_size = check_valid_size(10000 if valid_size is None else valid_size, N_TRAIN_FILE)
+    paths = ensure_files(root, download=download, mirrors=mirrors, progress=progress, source=source)
+    images = _read(paths[TRAIN_IMAGES], TRAIN_IMAGES, source).reshape(N_TRAIN_FILE, PIXELS)
+    labels = _read(paths[TRAIN_LABELS], TRAIN_LABELS, source).long()
+    test_images = _read(paths[TEST_IMAGES], TEST_IMAGES, source).reshape(-1, PIXELS)
+    test_labels = _read(paths[TEST_LABELS], TEST_LABELS, source).long()
     n_train = N_TRAIN_FILE - valid_size
-    train, valid = images[:n_train], images[n_train:]
-    if binarize == "static":
-        train = _binarize_once(train, seed).to(torch.uint8)
-    else:
-        train = train.clone()  # do not keep the whole 60k file alive through a view
-    return BinaryMNIST(
-        train=train.to(device),
-        valid=_binarize_once(valid, VALID_SEED).to(device),
-        test=_binarize_once(test_images, TEST_SEED).to(device),
+    return build(
+        images[:n_train],
+        images[n_train:],
+        test_images,
+        image_shape=IMAGE_SHAPE,
         binarize=binarize,
-        train_labels=labels[:n_train].to(device),
-        valid_labels=labels[n_train:].to(device),
-        test_labels=test_labels.to(device),
+        pixels=pixels,
+        eps=eps,
+        seed=seed,
+        device=device,
+        labels=(labels[:n_train], labels[n_train:], test_labels),
     )
+
+
+def load_mnist(
+    root: str | os.PathLike[str] | None = None,
+    valid_size: int | None = 10000,
+    binarize: str = "dynamic",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+    mirrors: Sequence[str] | None = None,
+    progress: bool = True,
+    pixels: str = "binary",
+    eps: float = DEFAULT_EPS,
+) -> ImageData:
+    """Load MNIST from ``root`` (default :func:`default_root`), downloading if needed.
+
+    The validation set is the last ``valid_size`` images of the 60k training file (None: 10,000),
+    the training set the first ``60000 - valid_size``. Validation and test pixels are
+    drawn once with fixed seeds (1234 and 4321), independent of ``seed``; ``seed`` only sets
+    the one-off binarisation of the training set when ``binarize="static"``. ``pixels``:
+    "binary" (Bernoulli draws) or "continuous" (dequantised into (eps, 1 - eps)).
+    """
+    return load_idx_dataset(
+        MNIST, root, valid_size, binarize, seed, device, download, mirrors, progress, pixels, eps
+    )
+
+
+DATASETS.register("mnist")(
+    DatasetEntry(
+        load=load_mnist,
+        likelihood="bernoulli",
+        title="binarised MNIST",
+        source="LeCun et al. 1998, from " + ", ".join(MNIST_MIRRORS),
+        files=", ".join(f"{name} (SHA256 {SHA256[name][:12]}…)" for name in FILES),
+        split="train 60,000 − valid_size, valid the last valid_size (default 10,000), test 10,000",
+        preprocessing="28×28 grey; Bernoulli(intensity/255), dynamic or static; valid/test once",
+        paper=TABLE2,
+    )
+)

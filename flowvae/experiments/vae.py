@@ -5,7 +5,9 @@ data point is pushed through the K flows and scored with the annealed free energ
 
     F^β(x) = E_q0[ log q0(z0) - Σ_k log|det J_k| - β (log p(x|z_K) + log p(z_K)) ]
 
-(Rezende & Mohamed 2015, §3.1/§6.2). β = 1 gives the negative ELBO.
+(Rezende & Mohamed 2015, §3.1/§6.2). β = 1 gives the negative ELBO. p(x|z) is the
+likelihood the config names (flowvae.likelihoods): Bernoulli for binarised images, the
+logit-normal of the paper's CIFAR-10 experiment for pixels in (0, 1).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from flowvae.experiments.base import (
     SampleOptions,
     gaussian_log_prob,
 )
+from flowvae.likelihoods import LIKELIHOODS
+from flowvae.likelihoods import bernoulli_log_lik as bernoulli_log_lik  # re-exported
 from flowvae.nets import mlp
+from flowvae.paper import PaperTable
 
 #: Share of images with Pareto k̂ > 0.7 above which `flowvae eval` warns that the -log p(x)
 #: estimate is unreliable (a few such images barely move a mean over thousands).
@@ -54,12 +59,14 @@ class FlowVAE(nn.Module):
         window: int = 4,
         flow_options: dict | None = None,
         precision: str = "float32",
+        likelihood: str = "bernoulli",
     ) -> None:
         super().__init__()
         if precision not in ("float32", "bf16"):
             raise ValueError(f"precision must be 'float32' or 'bf16', got {precision!r}")
         self.x_dim, self.latent_dim = x_dim, latent_dim
         self.bf16 = precision == "bf16"
+        self.likelihood = LIKELIHOODS.get(likelihood)()
         self.encoder = mlp(x_dim, hidden, activation, window)
         self.decoder_body = mlp(latent_dim, list(reversed(hidden)), activation, window)
         width = hidden[-1] if hidden else x_dim
@@ -67,7 +74,10 @@ class FlowVAE(nn.Module):
         self.mu = nn.Linear(width, latent_dim)
         self.sigma = nn.Linear(width, latent_dim)
         self.flow_head = nn.Linear(width, self.flow.num_params) if self.flow.num_params else None
-        self.decoder_out = nn.Linear(hidden[0] if hidden else latent_dim, x_dim)
+        # One linear head: likelihood.outputs values per pixel, [logits] or [μ | log σ].
+        self.decoder_out = nn.Linear(
+            hidden[0] if hidden else latent_dim, self.likelihood.outputs * x_dim
+        )
         if self.flow_head is not None:
             # Start the flows close to their "small parameters" regime instead of whatever a
             # wide random projection gives; the encoder grows them as they help.
@@ -93,10 +103,14 @@ class FlowVAE(nn.Module):
         return mu, F.softplus(sigma) + 1e-4, params
 
     def decode(self, z: Tensor) -> Tensor:
-        """Bernoulli logits of p(x|z)."""
+        """The parameters of p(x|z) per row: Bernoulli logits, or [μ | log σ] (logit-normal)."""
         with self.nets(z.device):
-            logits = self.decoder_out(self.decoder_body(z))
-        return logits.float() if self.bf16 else logits
+            out = self.decoder_out(self.decoder_body(z))
+        return out.float() if self.bf16 else out
+
+    def picture(self, z: Tensor) -> Tensor:
+        """What p(x|z) looks like, values in [0, 1] per pixel (flowvae.likelihoods)."""
+        return self.likelihood.picture(self.decode(z))
 
     def log_weights(
         self, x: Tensor, mu: Tensor, sigma: Tensor, params: Tensor | None, eps: Tensor
@@ -105,22 +119,13 @@ class FlowVAE(nn.Module):
         z0 = mu + sigma * eps
         log_q0 = gaussian_log_prob(eps) - sigma.log().sum(-1)
         z, log_det = self.flow(z0, params)
-        log_px = bernoulli_log_lik(self.decode(z), x)
+        log_px = self.likelihood.log_prob(self.decode(z), x)
         return {"log_px": log_px, "log_pz": gaussian_log_prob(z), "log_q": log_q0 - log_det}
 
     def forward(self, x: Tensor, eps: Tensor | None = None) -> dict[str, Tensor]:
         """One-sample terms per data point (base noise eps drawn here unless given)."""
         mu, sigma, params = self.encode(x)
         return self.log_weights(x, mu, sigma, params, torch.randn_like(mu) if eps is None else eps)
-
-
-def bernoulli_log_lik(logits: Tensor, x: Tensor) -> Tensor:
-    """log p(x|z) = Σ x·l - softplus(l) from logits (stable, no clamping). x may be (n, 1, d)
-    against logits (n·s, d), s consecutive rows per image, so importance samples never copy x."""
-    if x.shape == logits.shape:
-        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
-    grouped = logits.view(x.shape[0], -1, x.shape[-1])  # (n, s, d) rows of image i together
-    return ((grouped * x).sum(-1) - F.softplus(grouped).sum(-1)).reshape(-1)
 
 
 def free_energy(terms: dict[str, Tensor], beta: float) -> Tensor:
@@ -234,7 +239,8 @@ def sharded_importance_nll(
 class VAEExperiment:
     eval_keys = ["dataset", "split", "flow", "k", "neg_elbo", "nll", "nll_stderr", "nll_psis"]
     eval_keys += ["iw_samples", "examples", "khat_over_0_5", "khat_over_0_7", "khat_max"]
-    eval_keys += ["ess_median", "ess_fraction_median"]
+    eval_keys += ["ess_median", "ess_fraction_median", "likelihood"]
+    eval_keys += ["bits_per_dim", "bits_per_dim_stderr", "bits_per_dim_8bit"]
     single_thread = False
 
     def __init__(self, cfg, device: torch.device) -> None:
@@ -242,13 +248,18 @@ class VAEExperiment:
 
         self.cfg = cfg
         self.device = device
-        self.data = DATASETS.get(cfg.data.name)(
+        entry = DATASETS.get(cfg.data.name)
+        #: model.likelihood, or the dataset's default when the config leaves it null
+        self.likelihood = cfg.model.likelihood or entry.likelihood
+        self.data = entry.load(
             root=cfg.data.root,
             valid_size=cfg.data.valid_size,
             binarize=cfg.data.binarize,
             seed=cfg.seed,
             device=device,
             download=cfg.data.download,
+            pixels=LIKELIHOODS.get(self.likelihood).pixels,
+            eps=cfg.data.eps,
         )
         m = cfg.model
         self.model = FlowVAE(
@@ -261,6 +272,7 @@ class VAEExperiment:
             window=m.maxout_window,
             flow_options=cfg.flow.options,
             precision=m.precision,
+            likelihood=self.likelihood,
         ).to(device)
 
     @staticmethod
@@ -294,11 +306,11 @@ class VAEExperiment:
 
         with torch.inference_mode():
             z = torch.randn(64, self.model.latent_dim, device=self.device)
-            probs = torch.sigmoid(self.model.decode(z))
-        return {"samples": image_grid(self.as_images(probs).cpu(), nrow=8)}
+            pictures = self.model.picture(z)
+        return {"samples": image_grid(self.as_images(pictures).cpu(), nrow=8)}
 
     def as_images(self, rows: Tensor) -> Tensor:
-        """(N, D) pixel rows -> (N, H, W) images of the dataset's shape."""
+        """(N, D) pixel rows -> (N, H, W) or (N, C, H, W) images of the dataset's shape."""
         return rows.reshape(-1, *self.data.image_shape)
 
     def evaluate(self, options: EvalOptions) -> dict[str, Any]:
@@ -315,6 +327,7 @@ class VAEExperiment:
         per_image = sharded_importance_nll(self.model, data, options, samples)
         nll, nelbo = per_image["nll"], per_image["neg_elbo"]
         n = nll.numel()
+        nll_stderr = float(nll.std()) / math.sqrt(n) if n > 1 else float("nan")
         diagnostics = psis.summary(per_image["khat"], per_image["ess"], samples)
         if options.psis:
             diagnostics["nll_psis"] = float(per_image["nll_psis"].mean())
@@ -332,10 +345,13 @@ class VAEExperiment:
             "k": self.cfg.flow.k,
             "neg_elbo": float(nelbo.mean()),
             "nll": float(nll.mean()),
-            "nll_stderr": float(nll.std()) / math.sqrt(n) if n > 1 else float("nan"),
+            "nll_stderr": nll_stderr,
             "iw_samples": samples,
             "examples": n,
             **diagnostics,
+            "likelihood": self.likelihood,
+            # continuous pixels: bits/dim too (flowvae.data.pixels says in which space)
+            **self.data.pixels.metrics(float(nll.mean()), nll_stderr, self.data.dim),
             "seconds": time.perf_counter() - start,
         }
 
@@ -349,46 +365,68 @@ class VAEExperiment:
                 x = self.data.test[:n]
                 mu, sigma, params = model.encode(x)
                 z, _ = model.flow(mu + sigma * torch.randn_like(mu), params)
-                probs = torch.sigmoid(model.decode(z))
-                arrays = {"x": x.cpu().numpy(), "reconstruction": probs.cpu().numpy()}
+                pictures = model.picture(z)
+                arrays = {"x": x.cpu().numpy(), "reconstruction": pictures.cpu().numpy()}
                 # pairs side by side: original, reconstruction, original, ...
-                tiles, nrow = self.as_images(torch.stack([x, probs], dim=1)), 16
+                tiles, nrow = self.as_images(torch.stack([x, pictures], dim=1)), 16
             else:
                 z = torch.randn(n, model.latent_dim, device=self.device)
-                probs = torch.sigmoid(model.decode(z))
-                arrays = {"z": z.cpu().numpy(), "probs": probs.cpu().numpy()}
-                tiles, nrow = self.as_images(probs), max(1, int(np.ceil(np.sqrt(n))))
+                pictures = model.picture(z)
+                name = model.likelihood.picture_name  # "probs" (Bernoulli), "median" (logit-normal)
+                arrays = {"z": z.cpu().numpy(), name: pictures.cpu().numpy()}
+                tiles, nrow = self.as_images(pictures), max(1, int(np.ceil(np.sqrt(n))))
         if options.out_file.suffix.lower() == ".npz":
             np.savez(options.out_file, **arrays)
         else:
             save_png(image_grid(tiles.cpu(), nrow=nrow), options.out_file)
 
     def summary(self) -> dict:
-        return {"kind": "vae", "dataset": self.cfg.data.name}
+        return {"kind": "vae", "dataset": self.cfg.data.name, "likelihood": self.likelihood}
 
     @classmethod
     def report(cls, rows: list[dict], options: ReportOptions) -> list[str]:
+        """One section per dataset and likelihood, each with its paper table and -log p(x) plot
+        (one plot: --plot itself; several: --plot's name with -<dataset>-<likelihood>)."""
+        from flowvae.data import DATASETS
         from flowvae.plots import nll_plot
 
-        lines = ["## Flow VAE on binarised MNIST", "", nll_table(rows), ""]
-        if options.plot is not None:
-            nll_plot(rows, options.plot)
-            lines += [f"![-log p(x) against K]({options.plot.name})", ""]
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for r in rows:
+            entry = DATASETS.get(r["dataset"])
+            groups.setdefault((r["dataset"], r.get("likelihood", entry.likelihood)), []).append(r)
+        lines: list[str] = []
+        for (dataset, likelihood), group in sorted(groups.items()):
+            entry = DATASETS.get(dataset)
+            title = entry.title if likelihood == entry.likelihood else f"{dataset}, {likelihood}"
+            lines += [f"## Flow VAE on {title}", "", nll_table(group, entry.paper), ""]
+            if options.plot is not None:
+                plot = options.plot
+                if len(groups) > 1:
+                    plot = plot.with_name(f"{plot.stem}-{dataset}-{likelihood}{plot.suffix}")
+                nll_plot(group, plot, entry.paper)
+                lines += [f"![-log p(x) against K]({plot.name})", ""]
         return lines
 
 
-def nll_table(rows: list[dict]) -> str:
-    """One row per run: the bound, the estimate, whether its importance weights can be trusted
-    (share of images with Pareto k̂ > 0.7, median ESS of S), the paper's value, the cost."""
-    from flowvae.paper import flow_rank, paper_nll
+#: Report columns of continuous data (their eval.json has them), after -log p(x).
+BITS_COLUMNS = [("bits_per_dim", "bits/dim"), ("bits_per_dim_8bit", "bits/dim (8-bit)")]
 
+
+def nll_table(rows: list[dict], paper: PaperTable | None = None) -> str:
+    """One row per run: the bound, the estimate, whether its importance weights can be trusted
+    (share of images with Pareto k̂ > 0.7, median ESS of S), the value of the paper's table
+    ``paper`` (if any), the cost. Continuous data adds bits/dim, over
+    x ∈ (ε, 1 − ε) and over the dequantised 256-level pixels (flowvae.likelihoods)."""
+    from flowvae.paper import flow_rank
+
+    bits = [(key, head) for key, head in BITS_COLUMNS if all(key in r for r in rows)]
+    head = ["flow", "K", "−ELBO", "−log p(x) ± s.e.", *(h for _, h in bits), "IS samples"]
+    head += ["k̂ > 0.7", "median ESS", "paper −log p(x)", "steps", "train min", "hardware"]
     lines = [
-        "| flow | K | −ELBO | −log p(x) ± s.e. | IS samples | k̂ > 0.7 | median ESS | "
-        "paper −log p(x) | steps | train min | hardware |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---", *["---:"] * (len(head) - 2), "---"]) + "|",
     ]
     for r in sorted(rows, key=lambda r: (*flow_rank(r["flow"]), r["k"])):
-        paper = paper_nll(r["flow"], r["k"])
         seconds = r["info"].get("train_seconds")
         khat = f"{r['khat_over_0_7']:.1%}" if "khat_over_0_7" in r else "—"
         ess = f"{r['ess_median']:.1f}" if "ess_median" in r else "—"
@@ -397,10 +435,11 @@ def nll_table(rows: list[dict]) -> str:
             str(r["k"]),
             f"{r['neg_elbo']:.2f}",
             f"{r['nll']:.2f} ± {r['nll_stderr']:.2f}",
+            *(f"{r[key]:.3f}" for key, _ in bits),
             str(r["iw_samples"]),
             khat,
             ess,
-            f"≤ {paper:.1f}" if paper else "—",
+            paper.cell(r["flow"], r["k"]) if paper is not None else "—",
             str(r["info"].get("steps", r.get("step", "?"))),
             f"{seconds / 60:.1f}" if seconds is not None else "?",
             str(r["info"].get("hardware", "?")),

@@ -1,0 +1,86 @@
+"""Fashion-MNIST (Xiao, Rasul & Vollgraf 2017): MNIST's format and sizes, Zalando's pictures.
+
+Source: the four gzipped IDX files of zalandoresearch/fashion-mnist (GitHub, then the S3
+website), each checked against the SHA256 below. Split and preprocessing as for MNIST
+(:mod:`flowvae.data.mnist`): the last valid_size (default 10,000) training images validate;
+binarised dynamically or statically, or dequantised for a continuous likelihood.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .catalog import DATASETS, DatasetEntry
+from .images import ImageData
+from .mnist import (
+    FILES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    IdxSource,
+    load_idx_dataset,
+)
+from .pixels import DEFAULT_EPS
+
+__all__ = ["FASHION_MNIST", "MIRRORS", "SHA256", "load_fashion_mnist"]
+
+MIRRORS: tuple[str, ...] = (
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+)
+
+#: SHA256 of the gzipped files (their MD5s are the ones the fashion-mnist README publishes).
+SHA256: dict[str, str] = {
+    TRAIN_IMAGES: "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    TRAIN_LABELS: "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    TEST_IMAGES: "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    TEST_LABELS: "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+
+FASHION_MNIST = IdxSource("Fashion-MNIST", "fashion_mnist", SHA256, MIRRORS)
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike[str] | None = None,
+    valid_size: int | None = 10000,
+    binarize: str = "dynamic",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+    mirrors: Sequence[str] | None = None,
+    progress: bool = True,
+    pixels: str = "binary",
+    eps: float = DEFAULT_EPS,
+) -> ImageData:
+    """Load Fashion-MNIST from ``root`` (default ``$FLOWVAE_DATA/fashion_mnist`` or
+    ``~/.cache/flowvae/fashion_mnist``), downloading missing files; as :func:`load_mnist`."""
+    return load_idx_dataset(
+        FASHION_MNIST,
+        root,
+        valid_size,
+        binarize,
+        seed,
+        device,
+        download,
+        mirrors,
+        progress,
+        pixels,
+        eps,
+    )
+
+
+DATASETS.register("fashion_mnist")(
+    DatasetEntry(
+        load=load_fashion_mnist,
+        likelihood="bernoulli",
+        title="binarised Fashion-MNIST",
+        source="Xiao et al. 2017, from " + ", ".join(MIRRORS),
+        files=", ".join(f"{name} (SHA256 {SHA256[name][:12]}…)" for name in FILES),
+        split="train 60,000 − valid_size, valid the last valid_size (default 10,000), test 10,000",
+        preprocessing="28×28 grey; Bernoulli(intensity/255), dynamic or static; valid/test once",
+    )
+)
