@@ -164,9 +164,7 @@ def prepare_resume(
                 "another --out"
             )
         return cfg, None
-    if not last_path.exists():
-        raise ConfigError(f"--resume: no checkpoint at {last_path} — start without --resume")
-    try:
+    try:  # train() has checked, before taking the lock, that last.pt exists
         state = checkpoint.load(last_path)
     except CheckpointError as exc:
         found = checkpoint.newest_intact(ckpt_dir, names=("best.pt",))

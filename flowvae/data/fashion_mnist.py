@@ -8,13 +8,9 @@ binarised dynamically or statically, or dequantised for a continuous likelihood.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-
-import torch
+from functools import partial
 
 from .catalog import DATASETS, DatasetEntry
-from .images import ImageData
 from .mnist import (
     FILES,
     TEST_IMAGES,
@@ -24,7 +20,6 @@ from .mnist import (
     IdxSource,
     load_idx_dataset,
 )
-from .pixels import DEFAULT_EPS
 
 __all__ = ["FASHION_MNIST", "MIRRORS", "SHA256", "load_fashion_mnist"]
 
@@ -44,33 +39,9 @@ SHA256: dict[str, str] = {
 FASHION_MNIST = IdxSource("Fashion-MNIST", "fashion_mnist", SHA256, MIRRORS)
 
 
-def load_fashion_mnist(
-    root: str | os.PathLike[str] | None = None,
-    valid_size: int | None = 10000,
-    binarize: str = "dynamic",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    download: bool = True,
-    mirrors: Sequence[str] | None = None,
-    progress: bool = True,
-    pixels: str = "binary",
-    eps: float = DEFAULT_EPS,
-) -> ImageData:
-    """Load Fashion-MNIST from ``root`` (default ``$FLOWVAE_DATA/fashion_mnist`` or
-    ``~/.cache/flowvae/fashion_mnist``), downloading missing files; as :func:`load_mnist`."""
-    return load_idx_dataset(
-        FASHION_MNIST,
-        root,
-        valid_size,
-        binarize,
-        seed,
-        device,
-        download,
-        mirrors,
-        progress,
-        pixels,
-        eps,
-    )
+#: Fashion-MNIST from ``root`` (default ``$FLOWVAE_DATA/fashion_mnist`` or
+#: ``~/.cache/flowvae/fashion_mnist``), downloading missing files; as :func:`load_mnist`.
+load_fashion_mnist = partial(load_idx_dataset, FASHION_MNIST)
 
 
 DATASETS.register("fashion_mnist")(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -203,7 +204,15 @@ def load_idx_dataset(
     pixels: str = "binary",
     eps: float = DEFAULT_EPS,
 ) -> ImageData:
-    """Load an IDX dataset from ``root``, downloading missing files; see :func:`load_mnist`."""
+    """Load an IDX dataset (``source``: its name, files, checksums and mirrors) from ``root``,
+    downloading missing files.
+
+    The validation set is the last ``valid_size`` images of the 60k training file (None: 10,000),
+    the training set the first ``60000 - valid_size``. Validation and test pixels are
+    drawn once with fixed seeds (1234 and 4321), independent of ``seed``; ``seed`` only sets
+    the one-off binarisation of the training set when ``binarize="static"``. ``pixels``:
+    "binary" (Bernoulli draws) or "continuous" (dequantised into (eps, 1 - eps)).
+    """
     check_binarize(binarize)
     valid_size = check_valid_size(10000 if valid_size is None else valid_size, N_TRAIN_FILE)
     paths = ensure_files(root, download=download, mirrors=mirrors, progress=progress, source=source)
@@ -226,29 +235,9 @@ def load_idx_dataset(
     )
 
 
-def load_mnist(
-    root: str | os.PathLike[str] | None = None,
-    valid_size: int | None = 10000,
-    binarize: str = "dynamic",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    download: bool = True,
-    mirrors: Sequence[str] | None = None,
-    progress: bool = True,
-    pixels: str = "binary",
-    eps: float = DEFAULT_EPS,
-) -> ImageData:
-    """Load MNIST from ``root`` (default :func:`default_root`), downloading if needed.
-
-    The validation set is the last ``valid_size`` images of the 60k training file (None: 10,000),
-    the training set the first ``60000 - valid_size``. Validation and test pixels are
-    drawn once with fixed seeds (1234 and 4321), independent of ``seed``; ``seed`` only sets
-    the one-off binarisation of the training set when ``binarize="static"``. ``pixels``:
-    "binary" (Bernoulli draws) or "continuous" (dequantised into (eps, 1 - eps)).
-    """
-    return load_idx_dataset(
-        MNIST, root, valid_size, binarize, seed, device, download, mirrors, progress, pixels, eps
-    )
+#: MNIST from ``root`` (default :func:`default_root`), downloading missing files; the keywords
+#: of :func:`load_idx_dataset`.
+load_mnist = partial(load_idx_dataset, MNIST)
 
 
 DATASETS.register("mnist")(
