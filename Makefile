@@ -3,7 +3,7 @@ PYTHON ?= python
 FLOWVAE ?= $(PYTHON) -m flowvae
 RUN ?= runs/energy-U1-planar-k32
 
-.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table3
+.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 table3
 
 setup: install train
 
@@ -64,6 +64,18 @@ mnist-results:
 	$(FLOWVAE) sweep --config configs/mnist_quick.yaml --grid flow.k=0,10,40 --out $(MNIST_OUT)/planar --no-progress
 	$(FLOWVAE) sweep --config configs/mnist_quick.yaml --set flow.name=nice --grid flow.k=10 --out $(MNIST_OUT)/nice --no-progress
 	$(FLOWVAE) report $(MNIST_OUT) --out docs/results-mnist.md --plot docs/nll_vs_k.png
+
+# The paper's Table 2 and Figure 4: nine rows (K = 0; planar and NICE, K = 10, 20, 40, 80), one
+# config each in configs/table2/, about an hour a row on 2 cores, each evaluated at S = 200 and
+# S = 5,000 on the test set from its best.pt (chosen on validation data). Finished rows are
+# skipped and interrupted ones resumed; TABLE2_ROWS picks rows, e.g.
+#   make table2 TABLE2_ROWS=configs/table2/planar-k10.yaml
+TABLE2_OUT ?= runs/table2
+TABLE2_ROWS ?= $(sort $(wildcard configs/table2/*.yaml))
+table2:
+	$(FLOWVAE) sweep $(foreach row,$(TABLE2_ROWS),--config $(row)) --out $(TABLE2_OUT) \
+		--iw-samples 200 --iw-samples 5000 --no-progress
+	$(FLOWVAE) report $(TABLE2_OUT) --out docs/table2.md --plot docs/figure4.png
 
 # The paper's Table 3: planar K in {0, 2, 5, 10} on CIFAR-10 3x8x8 patches (logit-normal, D = 192)
 # at the paper's settings (500,000 updates each: days on a CPU), then the report with -log p(x)

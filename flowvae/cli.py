@@ -283,25 +283,36 @@ def sample(
 @user_errors
 def sweep(
     config: Annotated[
-        str,
-        typer.Option("--config", "-c", help="Base config: a YAML file or a shipped config's name."),
-    ],
-    grid: Annotated[
         list[str],
         typer.Option(
-            "--grid",
-            "-g",
-            help="key=v1,v2,... ; repeat for a Cartesian product, e.g. --grid flow.k=0,10,40",
+            "--config",
+            "-c",
+            help="Base config: a YAML file or a shipped config's name. Repeat it (or pass a "
+            "shell glob) for one run per config, each folder named after its file.",
         ),
     ],
     out_root: Annotated[
         Path, typer.Option("--out", "-o", help="Folder that gets one run folder per grid point.")
     ],
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            "-g",
+            help="key=v1,v2,... ; repeat for a Cartesian product, e.g. --grid flow.k=0,10,40",
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override applied to every run.")
     ] = None,
     iw_samples: Annotated[
-        int | None, typer.Option("--iw-samples", min=1, help="VAE runs: IS samples for eval.")
+        list[int] | None,
+        typer.Option(
+            "--iw-samples",
+            min=1,
+            help="VAE runs: IS samples for eval. Repeat it (--iw-samples 200 --iw-samples 5000) "
+            "for an estimate at each; the first is the headline.",
+        ),
     ] = None,
     samples: Annotated[
         int | None, typer.Option("--samples", min=2, help="Density runs: samples for eval.")
@@ -335,11 +346,16 @@ def sweep(
 
     def eval_fn(run_dir: Path):
         run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
-        return evaluate(run, EvalOptions(samples=samples, iw_samples=iw_samples))
+        first, *more = iw_samples or [None]
+        result = evaluate(run, EvalOptions(samples=samples, iw_samples=first))
+        for s in more:
+            extra = evaluate(run, EvalOptions(iw_samples=s))  # the same test images
+            result.setdefault("by_samples", {})[str(s)] = extra
+        return result
 
     run_sweep(
         config,
-        grid,
+        grid or [],
         out_root,
         list(set_ or []),
         train_fn,

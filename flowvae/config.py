@@ -25,11 +25,12 @@ def opt(
     *,
     gt: float | None = None,
     ge: float | None = None,
+    lt: float | None = None,
     choices: tuple | None = None,
     doc: str = "",
 ) -> Any:
     """A dataclass field with range/choice metadata used by validation."""
-    meta = {"gt": gt, "ge": ge, "choices": choices, "doc": doc}
+    meta = {"gt": gt, "ge": ge, "lt": lt, "choices": choices, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -110,6 +111,19 @@ class TrainConfig:
     momentum: float = opt(0.9, ge=0, doc="RMSprop momentum")
     lr_schedule: str = opt("constant", choices=("constant", "cosine"), doc="learning-rate schedule")
     anneal_steps: int = opt(0, ge=0, doc="β_t = min(1, 0.01 + t/anneal_steps); 0 = no annealing")
+    anneal: str = opt(
+        "joint",
+        choices=("joint", "kl"),
+        doc="what β_t weighs: all of log p(x, z_K) (the paper's), or only the KL term "
+        "log q - log p(z) (VAE: a KL warm-up)",
+    )
+    ema: float = opt(
+        0.0,
+        ge=0,
+        lt=1,
+        doc="decay of an exponential moving average of the weights, which validation, best.pt "
+        "and eval use (0 = off; 0.999 averages about the last 1,000 updates)",
+    )
     grad_clip: float = opt(0.0, ge=0, doc="clip the gradient norm to this value (0 = off)")
     log_every: int = opt(100, gt=0, doc="steps between logged metrics")
     checkpoint_every: int = opt(1000, gt=0, doc="steps between checkpoints")
@@ -347,6 +361,10 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
             raise ConfigError(
                 f"config key {key} = {value!r} is out of range: must be >= {meta['ge']}"
             )
+        if meta.get("lt") is not None and not v < meta["lt"]:
+            raise ConfigError(
+                f"config key {key} = {value!r} is out of range: must be < {meta['lt']}"
+            )
 
 
 def _check_names(cfg: Config) -> None:
@@ -367,6 +385,12 @@ def _check_names(cfg: Config) -> None:
         if name is not None and name not in registry:
             subject = f"config key {key} = {name!r} is unknown"
             raise ConfigError(unknown_name(subject, name, registry.names()))
+    anneals = EXPERIMENTS.get(cfg.experiment).anneals
+    if cfg.train.anneal not in anneals:
+        raise ConfigError(
+            f"config key train.anneal = {cfg.train.anneal!r} does not apply to the "
+            f"{cfg.experiment} experiment — use {' or '.join(anneals)}"
+        )
     allowed = flows.option_names(cfg.flow.name)
     for key in cfg.flow.options:
         if key not in allowed:
@@ -380,9 +404,38 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+def read_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's keys on top of those of the config it ``extends`` (a path relative to
+    the file, or a shipped config's name), so a family of configs states only what differs."""
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    here = resolve_config(path).resolve()
+    if not isinstance(parent, str):
+        raise ConfigError(
+            f"config file {here}: extends must name one config, e.g. extends: table2/base.yaml"
+        )
+    relative = here.parent / parent
+    base = resolve_config(relative if relative.exists() else parent).resolve()
+    if base in (*seen, here):
+        raise ConfigError(f"config file {here}: extends {parent} leads back to itself")
+    return merge(read_config(base, (*seen, here)), data)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, mappings merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = merge(out[key], value)
+        out[key] = value
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML file (or start from defaults), apply ``a.b=value`` overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_config(path) if path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value)

@@ -98,37 +98,44 @@ def save_figure(fig, path) -> None:
 
 
 def nll_plot(rows: list[dict], path, paper: PaperTable | None = None) -> None:
-    """Measured −log p(x) ± s.e. against K per flow family, with the values of ``paper`` (a
-    flowvae.paper.PaperTable, or None) dashed."""
+    """The paper's Figure 4: measured −log p(x) ± s.e. against K per flow family, with the values
+    of ``paper`` (a flowvae.paper.PaperTable, or None) dashed; beside it the posterior gap
+    −ELBO − (−log p(x)), an estimate of KL(q‖p(z|x)) that a better flow should shrink."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
     base = [r for r in rows if r["k"] == 0]
     paper_ks = sorted({0, *(k for _, k in paper.values)}) if paper is not None else []
     for flow in sorted({r["flow"] for r in rows if r["k"] > 0}):
         pts = sorted(
             [r for r in rows if r["flow"] == flow and r["k"] > 0] + base, key=lambda r: r["k"]
         )
-        ax.errorbar(
-            [r["k"] for r in pts],
+        ks = [r["k"] for r in pts]
+        line = ax.errorbar(
+            ks,
             [r["nll"] for r in pts],
             yerr=[r["nll_stderr"] for r in pts],
             marker="o",
             label=f"{flow} (measured)",
             capsize=2,
         )
+        gap_ax.plot(
+            ks, [r["neg_elbo"] - r["nll"] for r in pts], marker="o", color=line[0].get_color()
+        )
         published = [(k, paper.nll(flow, k)) for k in paper_ks if paper.nll(flow, k) is not None]
         if published:
             ax.plot(
                 *zip(*published), linestyle="--", marker="x", alpha=0.6, label=f"{flow} (paper)"
             )
-    ax.set_xlabel("flow length K")
     ax.set_ylabel("test −log p(x) (nats)")
+    gap_ax.set_ylabel("−ELBO − (−log p(x)) (nats)")
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    for a in (ax, gap_ax):
+        a.set_xlabel("flow length K")
+        a.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -64,8 +64,26 @@ def run_status(run_dir: Path, steps: int) -> str:
     return "done" if (run_dir / "eval.json").exists() else "trained"
 
 
+def plan(configs: list[str | Path], grid: list[str]) -> list[tuple[str | Path, GridPoint]]:
+    """Every config crossed with every grid point. A run folder is named after its grid point
+    when one config is swept over a grid, else after its config file (and grid point)."""
+    points = parse_grid(grid)
+    if len(configs) == 1 and grid:
+        return [(configs[0], p) for p in points]
+    stems = [Path(c).stem for c in configs]
+    if len(set(stems)) < len(stems):
+        raise ConfigError(
+            "sweep: two configs share a file name, so their runs would share a folder — rename one"
+        )
+    return [
+        (config, GridPoint(stem if not grid else f"{stem}-{p.name}", p.overrides))
+        for config, stem in zip(configs, stems)
+        for p in points
+    ]
+
+
 def sweep(
-    config: Path,
+    configs: list[str | Path],
     grid: list[str],
     out_root: Path,
     overrides: list[str],
@@ -73,9 +91,10 @@ def sweep(
     eval_fn: Callable[[Path], dict],  # run folder -> eval.json contents
     log: Callable[[str], None] = print,
 ) -> list[Path]:
-    points = parse_grid(grid)
+    planned = plan(configs, grid)
+    points = [p for _, p in planned]
     # Validate every point before the first one runs, so a typo cannot waste hours.
-    configs = [load_config(config, overrides + p.overrides) for p in points]
+    configs = [load_config(config, overrides + p.overrides) for config, p in planned]
     with hold_run_folder(out_root):  # one sweep per folder; each run is locked by train too
         for i, (point, cfg) in enumerate(zip(points, configs), 1):
             run_dir = out_root / point.name

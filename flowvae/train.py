@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import Tensor, nn
 
 from flowvae import checkpoint, distributed, experiments, guard
+from flowvae.averaging import WeightAverage
 from flowvae.config import Config, dump, from_dict, to_dict
 from flowvae.device import resolve_device
 from flowvae.distributed import SINGLE, Shard
@@ -65,6 +66,7 @@ class Trainer:
     shard: Shard = SINGLE
     forward_model: nn.Module | None = None
     params: list[Tensor] = field(default_factory=list)
+    average: WeightAverage | None = None  # train.ema > 0
 
     def __post_init__(self) -> None:
         self.forward_model = self.forward_model or self.model
@@ -124,7 +126,10 @@ def build_trainer(cfg: Config, device: torch.device, shard: Shard = SINGLE) -> T
     check_every = min(t.log_every, t.max_bad_steps)
     nonfinite = guard.NonFiniteGuard(t.max_bad_steps, check_every, deferred, device)
     schedule = make_schedule(cfg, optimizer)
-    return Trainer(cfg, experiment, model, optimizer, schedule, nonfinite, device, shard)
+    average = WeightAverage(model, t.ema) if t.ema > 0 else None
+    return Trainer(
+        cfg, experiment, model, optimizer, schedule, nonfinite, device, shard, average=average
+    )
 
 
 def train_step(tr: Trainer, step: int, signalled: bool = False) -> StepOutput:
@@ -142,6 +147,8 @@ def train_step(tr: Trainer, step: int, signalled: bool = False) -> StepOutput:
     # save together.
     loss_all, stop = distributed.agree(loss.detach(), signalled, tr.shard)
     ok = tr.guard.step(tr.optimizer, loss_all + grad_norm)
+    if tr.average is not None and ok is not False:
+        tr.average.update(step)
     tr.schedule.step()
     return StepOutput(loss_all, metrics, grad_norm, beta, ok, stop)
 
@@ -186,7 +193,11 @@ def prepare_resume(
 
 def restore(tr: Trainer, state: dict[str, Any]) -> tuple[int, float, float]:
     """Load a checkpoint into the trainer; returns (step, best score, seconds trained)."""
-    tr.model.load_state_dict(state["model"])
+    # With a weight average, "model" holds the average (what eval reads) and "train_model" the
+    # weights training moves on from.
+    tr.model.load_state_dict(state.get("train_model", state["model"]))
+    if tr.average is not None:
+        tr.average.load_state_dict(state["model"])
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.schedule.load_state_dict(state["schedule"])
     set_rng_state(state["rng"], tr.device)
@@ -414,8 +425,11 @@ class Checkpoints:
 def snapshot(
     tr: Trainer, step: int, best: float, seconds: float, score: float | None
 ) -> dict[str, Any]:
+    weights: dict[str, Any] = {"model": tr.model.state_dict()}
+    if tr.average is not None:
+        weights = {"model": tr.average.state_dict(tr.model), "train_model": weights["model"]}
     return checkpoint.make_checkpoint(
-        model=tr.model.state_dict(),
+        **weights,
         optimizer=tr.optimizer.state_dict(),
         schedule=tr.schedule.state_dict(),
         step=step,
@@ -468,7 +482,8 @@ class Logger:
         if not self.main:
             return math.inf
         tr.model.eval()
-        with held_out_rng(tr.cfg.seed, tr.device):
+        averaged = tr.average.swapped_in() if tr.average is not None else nullcontext()
+        with averaged, held_out_rng(tr.cfg.seed, tr.device):
             val = tr.experiment.validate()
             images = tr.experiment.images()
         self.metrics.scalars(step, val, "valid")

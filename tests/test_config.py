@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flowvae.config import Config, dump, load_config
+from flowvae.errors import ConfigError
 
 ENERGY = "@energy"  # the shipped configs/energy.yaml
 MISSING = "@missing"  # a config path that does not exist
@@ -108,6 +109,13 @@ BAD_INPUTS = [
         ENERGY,
         ["--set", "experiment=vae", "--set", "model.likelihood=logit_norm"],
         ["model.likelihood", "'logit_norm'", "did you mean 'logit_normal'"],
+    ),
+    case("ema-one", NONE, ["--set", "train.ema=1"], ["train.ema", "out of range", "< 1"]),
+    case(
+        "anneal-kl-density",
+        ENERGY,
+        ["--set", "train.anneal=kl"],
+        ["train.anneal", "density", "use joint"],
     ),
     case("eps-zero", ENERGY, ["--set", "data.eps=0"], ["data.eps", "out of range", "> 0"]),
     case(
@@ -268,3 +276,30 @@ def test_family_configs_cover_every_flow(repo_root):
     for name in names:
         cfg = load_config(repo_root / "configs" / "families" / f"{name}.yaml")
         assert cfg.flow.name == name and cfg.flow.k == 10 and cfg.train.steps == 20000
+
+
+def test_a_config_extends_another_key_by_key(tmp_path, repo_root):
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        f"extends: {repo_root / 'configs' / 'mnist_quick.yaml'}\n"
+        "train: {steps: 1234, ema: 0.99}\nflow: {name: nice, options: {hidden: [8]}}\n"
+    )
+    (tmp_path / "rows" / "row.yaml").write_text("extends: ../base.yaml\nflow: {k: 3}\n")
+    cfg = load_config(tmp_path / "rows" / "row.yaml", ["train.lr=0.01"])
+    assert (cfg.flow.name, cfg.flow.k, cfg.flow.options) == ("nice", 3, {"hidden": [8]})
+    assert (cfg.train.steps, cfg.train.ema, cfg.train.lr) == (1234, 0.99, 0.01)
+    assert cfg.train.optimizer == "adam" and cfg.model.hidden == [400, 400]  # from mnist_quick
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("extends: loop.yaml\n", "leads back to itself"),
+        ("extends: [a.yaml]\n", "extends must name one config"),
+        ("extends: nowhere.yaml\n", "does not exist"),
+    ],
+)
+def test_bad_extends_is_one_clear_error(tmp_path, text, fragment):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(tmp_path / "loop.yaml")

@@ -158,3 +158,42 @@ def test_report_shows_the_weight_diagnostics(vae_runs, run_cli, tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| planar | 4 |"))
     assert f"{result['khat_over_0_7']:.1%}" in row and f"{result['ess_median']:.1f}" in row
     assert (tmp_path / "k.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnist_dir, run_cli):
+    """Rows that extend one base config, swept by file, each evaluated at S = 5 and S = 50 on the
+    same test images: the larger S gives the tighter (lower) bound, and the report shows both."""
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        f"extends: {repo_root / 'configs' / 'mnist_quick.yaml'}\n"
+        f"data: {{root: {mnist_dir}, valid_size: 1000}}\n"
+        "model: {hidden: [50]}\n"
+        "train: {steps: 100, eval_every: 100, ema: 0.9, anneal: kl}\n"
+    )
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    for name in ("planar", "nice"):
+        (rows / f"{name}-k2.yaml").write_text(
+            f"extends: ../base.yaml\nflow: {{name: {name}, k: 2}}\n"
+        )
+    args = ["sweep", "--config", rows / "planar-k2.yaml", "--config", rows / "nice-k2.yaml"]
+    args += ["--out", tmp_path / "sweep", "--iw-samples", "5", "--iw-samples", "50"]
+    proc = run_cli(*args, "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("planar", "nice"):
+        run = tmp_path / "sweep" / f"{name}-k2"
+        result = json.loads((run / "eval.json").read_text())
+        assert (result["flow"], result["k"], result["iw_samples"]) == (name, 2, 5)
+        more = result["by_samples"]["50"]
+        assert (more["iw_samples"], more["examples"]) == (50, result["examples"]) == (50, 10000)
+        assert more["nll"] < result["nll"] - 3 * result["nll_stderr"] / 10
+        saved = (run / "config.yaml").read_text()
+        assert "- 50" in saved and "ema: 0.9" in saved  # the base's keys under the row's own
+    again = run_cli(*args, "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0 and again.stderr.count(": done") == 2, again.stderr
+    report = run_cli("report", tmp_path / "sweep", "--out", tmp_path / "r.md", "--plot",
+                     tmp_path / "f.png", cwd=tmp_path)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "r.md").read_text()
+    assert "−log p(x), S = 50" in text and text.count("| planar |") + text.count("| nice |") == 2
+    assert (tmp_path / "f.png").read_bytes()[:8] == PNG_MAGIC

@@ -60,6 +60,8 @@ class Experiment(Protocol):
     eval_keys: ClassVar[list[str]]
     #: On the CPU, run on one thread (tiny problems, where threads only add sync overhead).
     single_thread: ClassVar[bool]
+    #: The train.anneal values it understands (what β_t may weigh).
+    anneals: ClassVar[tuple[str, ...]]
     model: nn.Module
 
     def __init__(self, cfg: Any, device: torch.device) -> None: ...

@@ -81,6 +81,7 @@ class DensityExperiment:
     eval_keys = ["target", "flow", "k", "kl", "kl_stderr", "ess_fraction", "mean_weight", "log_z"]
     eval_keys += ["samples"]
     single_thread = True
+    anneals = ("joint",)  # an energy has no likelihood term to keep out of the annealing
 
     def __init__(self, cfg, device: torch.device) -> None:
         self.cfg = cfg
