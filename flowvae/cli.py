@@ -287,8 +287,8 @@ def sweep(
         typer.Option(
             "--config",
             "-c",
-            help="Base config: a YAML file or a shipped config's name. Repeat it (or pass a "
-            "shell glob) for one run per config, each folder named after its file.",
+            help="Base config: a YAML file or a shipped config's name. Repeat it (--config "
+            "a.yaml --config b.yaml) for one run per config, each folder named after its file.",
         ),
     ],
     out_root: Annotated[
@@ -344,11 +344,19 @@ def sweep(
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint {checkpoint!r} is not allowed (choices: best, last)")
 
-    def eval_fn(run_dir: Path):
+    first, *more = iw_samples or [None]
+
+    def missing(result: dict) -> list[int]:
+        """The extra sample sizes a VAE run's eval.json lacks (density runs have none)."""
+        if result.get("iw_samples") is None:
+            return []
+        return [s for s in more if str(s) not in result.get("by_samples", {})]
+
+    def eval_fn(run_dir: Path, previous: dict | None):
         run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
-        first, *more = iw_samples or [None]
-        result = evaluate(run, EvalOptions(samples=samples, iw_samples=first))
-        for s in more:
+        # An earlier sweep's estimates are kept; only what it lacks is computed.
+        result = previous or evaluate(run, EvalOptions(samples=samples, iw_samples=first))
+        for s in missing(result):
             extra = evaluate(run, EvalOptions(iw_samples=s))  # the same test images
             result.setdefault("by_samples", {})[str(s)] = extra
         return result
@@ -361,6 +369,7 @@ def sweep(
         train_fn,
         eval_fn,
         log=lambda m: err.print(m, highlight=False),
+        complete=lambda result: not missing(result),
     )
 
 
@@ -488,10 +497,18 @@ def configs(
     Any of them works by name wherever a config is expected (flowvae train --config
     mnist_quick), from any folder; copy one to a file to change more than --set allows.
     """
-    from flowvae.config import resolve_config, shipped_configs
+    import yaml
+
+    from flowvae.config import read_config, resolve_config, shipped_configs
 
     if name is not None:
-        sys.stdout.write(resolve_config(name).read_text(encoding="utf-8"))
+        text = resolve_config(name).read_text(encoding="utf-8")
+        if "extends" in (yaml.safe_load(text) or {}):
+            # A copy must stand on its own: the file's own lines, then everything it inherits.
+            merged = yaml.safe_dump(read_config(name), sort_keys=False)
+            own = [line if line.startswith("#") else f"# {line}" for line in text.splitlines()]
+            text = "\n".join([*own, "# ... which comes to:", merged])
+        sys.stdout.write(text)
         return
     table = Table(show_header=True)
     table.add_column("name")

@@ -417,7 +417,14 @@ def read_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
             f"config file {here}: extends must name one config, e.g. extends: table2/base.yaml"
         )
     relative = here.parent / parent
-    base = resolve_config(relative if relative.exists() else parent).resolve()
+    shipped = shipped_configs().get(parent.removesuffix(".yaml"))
+    base = relative if relative.is_file() else shipped
+    if base is None:
+        raise ConfigError(
+            f"config file {here}: extends {parent}, which is neither a file next to it nor a "
+            "shipped config (`flowvae configs` lists them)"
+        )
+    base = base.resolve()
     if base in (*seen, here):
         raise ConfigError(f"config file {here}: extends {parent} leads back to itself")
     return merge(read_config(base, (*seen, here)), data)

@@ -50,8 +50,8 @@ def _label(key: str, value: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._" else "_" for ch in text)
 
 
-def run_status(run_dir: Path, steps: int) -> str:
-    """'done' (trained and evaluated), 'trained', 'partial' or 'new'."""
+def run_status(run_dir: Path, steps: int, complete: Callable[[dict], bool] = bool) -> str:
+    """'done' (trained, and evaluated as ``complete`` wants), 'trained', 'partial' or 'new'."""
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
         return "new"
@@ -61,7 +61,13 @@ def run_status(run_dir: Path, steps: int) -> str:
         return "partial"
     if step < steps:
         return "partial"
-    return "done" if (run_dir / "eval.json").exists() else "trained"
+    previous = read_eval(run_dir)
+    return "done" if previous is not None and complete(previous) else "trained"
+
+
+def read_eval(run_dir: Path) -> dict | None:
+    path = run_dir / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def plan(configs: list[str | Path], grid: list[str]) -> list[tuple[str | Path, GridPoint]]:
@@ -88,8 +94,9 @@ def sweep(
     out_root: Path,
     overrides: list[str],
     train_fn: Callable,
-    eval_fn: Callable[[Path], dict],  # run folder -> eval.json contents
+    eval_fn: Callable[[Path, dict | None], dict],  # run folder, its eval.json -> the new one
     log: Callable[[str], None] = print,
+    complete: Callable[[dict], bool] = bool,  # whether an eval.json holds all that is asked
 ) -> list[Path]:
     planned = plan(configs, grid)
     points = [p for _, p in planned]
@@ -98,12 +105,13 @@ def sweep(
     with hold_run_folder(out_root):  # one sweep per folder; each run is locked by train too
         for i, (point, cfg) in enumerate(zip(points, configs), 1):
             run_dir = out_root / point.name
-            status = run_status(run_dir, cfg.train.steps)
+            status = run_status(run_dir, cfg.train.steps, complete)
             log(f"[{i}/{len(points)}] {point.name}: {status}")
+            previous = read_eval(run_dir)
             if status in ("new", "partial"):
                 train_fn(cfg, run_dir, resume=status == "partial")
-                status = "trained"
+                status, previous = "trained", None  # an older eval.json is of older weights
             if status == "trained":
-                result = eval_fn(run_dir)
+                result = eval_fn(run_dir, previous)
                 checkpoint.write_text_atomic(run_dir / "eval.json", json.dumps(result) + "\n")
     return [out_root / p.name for p in points]

@@ -340,7 +340,7 @@ def _train(cfg, out_dir, resume, console, progress, tensorboard, on_start) -> Ru
     tr = build_trainer(cfg, device, shard)
     step, best, elapsed = restore(tr, saved) if saved is not None else (0, math.inf, 0.0)
     if main:
-        check_output_folder(out_dir, checkpoint_bytes(tr.model))
+        check_output_folder(out_dir, checkpoint_bytes(tr.model, tr.average is not None))
         if saved is not None:
             truncate_metrics(out_dir / "metrics.jsonl", step)
         checkpoint.write_text_atomic(out_dir / "config.yaml", dump(cfg))

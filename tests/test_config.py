@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from flowvae.config import Config, dump, load_config
 from flowvae.errors import ConfigError
@@ -296,10 +297,20 @@ def test_a_config_extends_another_key_by_key(tmp_path, repo_root):
     [
         ("extends: loop.yaml\n", "leads back to itself"),
         ("extends: [a.yaml]\n", "extends must name one config"),
-        ("extends: nowhere.yaml\n", "does not exist"),
+        ("extends: nowhere.yaml\n", "neither a file next to it nor a shipped config"),
     ],
 )
 def test_bad_extends_is_one_clear_error(tmp_path, text, fragment):
     (tmp_path / "loop.yaml").write_text(text)
     with pytest.raises(ConfigError, match=fragment):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_printed_config_that_extends_another_stands_on_its_own(tmp_path, cli_in_process):
+    proc = cli_in_process("configs", "table2/planar-k40")
+    assert proc.returncode == 0, proc.stderr
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(proc.stdout)
+    assert "extends" not in yaml.safe_load(proc.stdout)
+    assert load_config(copy) == load_config("table2/planar-k40")
+    assert load_config(copy).flow.options == {"identity_init": True}

@@ -191,9 +191,34 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
         assert "- 50" in saved and "ema: 0.9" in saved  # the base's keys under the row's own
     again = run_cli(*args, "--no-progress", cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count(": done") == 2, again.stderr
+    # A sample size asked for later is added to the finished runs, nothing else recomputed.
+    before = json.loads((tmp_path / "sweep" / "nice-k2" / "eval.json").read_text())
+    more = run_cli(*args, "--iw-samples", "20", "--no-progress", cwd=tmp_path)
+    assert more.returncode == 0 and more.stderr.count(": trained") == 2, more.stderr
+    after = json.loads((tmp_path / "sweep" / "nice-k2" / "eval.json").read_text())
+    assert after["by_samples"]["50"] == before["by_samples"]["50"] and after["nll"] == before["nll"]
+    assert after["by_samples"]["50"]["nll"] < after["by_samples"]["20"]["nll"] < after["nll"]
     report = run_cli("report", tmp_path / "sweep", "--out", tmp_path / "r.md", "--plot",
                      tmp_path / "f.png", cwd=tmp_path)  # fmt: skip
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "r.md").read_text()
     assert "−log p(x), S = 50" in text and text.count("| planar |") + text.count("| nice |") == 2
     assert (tmp_path / "f.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_names_runs_after_grid_points_or_config_files():
+    from flowvae.errors import ConfigError
+    from flowvae.sweep import plan
+
+    one = plan(["a.yaml"], ["flow.k=0,10"])
+    assert [p.name for _, p in one] == ["k0", "k10"]
+    assert [p.name for _, p in plan(["rows/a.yaml"], [])] == ["a"]
+    two = plan(["x/a.yaml", "x/b.yaml"], ["seed=0,1"])
+    assert [(c, p.name, p.overrides) for c, p in two] == [
+        ("x/a.yaml", "a-seed0", ["seed=0"]),
+        ("x/a.yaml", "a-seed1", ["seed=1"]),
+        ("x/b.yaml", "b-seed0", ["seed=0"]),
+        ("x/b.yaml", "b-seed1", ["seed=1"]),
+    ]
+    with pytest.raises(ConfigError, match="share a file name"):
+        plan(["x/a.yaml", "y/a.yaml"], [])
