@@ -325,6 +325,14 @@ def sweep(
             "data) or last.",
         ),
     ] = "best",
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split",
+            help="VAE runs: evaluate on test, or on valid (to compare settings without looking "
+            "at the test set).",
+        ),
+    ] = "test",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Train and evaluate a grid of runs, one after another.
@@ -343,6 +351,8 @@ def sweep(
 
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint {checkpoint!r} is not allowed (choices: best, last)")
+    if split not in ("test", "valid"):
+        raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")
 
     first, *more = iw_samples or [None]
 
@@ -352,12 +362,17 @@ def sweep(
             return []
         return [s for s in more if str(s) not in result.get("by_samples", {})]
 
+    def complete(result: dict) -> bool:
+        return result.get("split", split) == split and not missing(result)
+
     def eval_fn(run_dir: Path, previous: dict | None):
         run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
         # An earlier sweep's estimates are kept; only what it lacks is computed.
-        result = previous or evaluate(run, EvalOptions(samples=samples, iw_samples=first))
+        options = EvalOptions(samples=samples, iw_samples=first, split=split)
+        kept = previous is not None and previous.get("split", split) == split
+        result = previous if kept else evaluate(run, options)
         for s in missing(result):
-            extra = evaluate(run, EvalOptions(iw_samples=s))  # the same test images
+            extra = evaluate(run, EvalOptions(iw_samples=s, split=split))  # the same images
             result.setdefault("by_samples", {})[str(s)] = extra
         return result
 
@@ -369,7 +384,7 @@ def sweep(
         train_fn,
         eval_fn,
         log=lambda m: err.print(m, highlight=False),
-        complete=lambda result: not missing(result),
+        complete=complete,
     )
 
 

@@ -155,7 +155,7 @@ def test_report_shows_the_weight_diagnostics(vae_runs, run_cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "r.md").read_text()
     assert "k̂ > 0.7" in table and "median ESS" in table
-    row = next(line for line in table.splitlines() if line.startswith("| planar | 4 |"))
+    row = next(line for line in table.splitlines() if "| planar | 4 | test |" in line)
     assert f"{result['khat_over_0_7']:.1%}" in row and f"{result['ess_median']:.1f}" in row
     assert (tmp_path / "k.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -204,6 +204,12 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
     text = (tmp_path / "r.md").read_text()
     assert "−log p(x), S = 50" in text and text.count("| planar |") + text.count("| nice |") == 2
     assert (tmp_path / "f.png").read_bytes()[:8] == PNG_MAGIC
+    # Settings are compared on validation images: the same runs, evaluated anew there.
+    valid = run_cli(*args[:-4], "--iw-samples", "5", "--split", "valid", "--no-progress",
+                    cwd=tmp_path)  # fmt: skip
+    assert valid.returncode == 0 and valid.stderr.count(": trained") == 2, valid.stderr
+    result = json.loads((tmp_path / "sweep" / "nice-k2" / "eval.json").read_text())
+    assert (result["split"], result["examples"], result["iw_samples"]) == ("valid", 1000, 5)
 
 
 def test_sweep_names_runs_after_grid_points_or_config_files():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -434,20 +435,23 @@ def nll_table(rows: list[dict], paper: PaperTable | None = None) -> str:
     bits = [(key, head) for key, head in BITS_COLUMNS if all(key in r for r in rows)]
     # sweep --iw-samples 200 --iw-samples 5000: one more estimate per extra S
     extra = sorted({int(s) for r in rows for s in r.get("by_samples", {})})
-    head = ["flow", "K", "−ELBO", "−log p(x) ± s.e.", *(h for _, h in bits), "IS samples"]
+    head = ["run", "flow", "K", "split", "−ELBO", "−log p(x) ± s.e.", *(h for _, h in bits)]
+    head += ["IS samples"]
     head += [f"−log p(x), S = {s:,}" for s in extra]
     head += ["k̂ > 0.7", "median ESS", "paper −log p(x)", "steps", "train min", "hardware"]
     lines = [
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---", *["---:"] * (len(head) - 2), "---"]) + "|",
+        "|" + "|".join(["---", "---", "---:", "---", *["---:"] * (len(head) - 5), "---"]) + "|",
     ]
     for r in sorted(rows, key=lambda r: (*flow_rank(r["flow"]), r["k"])):
         seconds = r["info"].get("train_seconds")
         khat = f"{r['khat_over_0_7']:.1%}" if "khat_over_0_7" in r else "—"
         ess = f"{r['ess_median']:.1f}" if "ess_median" in r else "—"
         cells = [
+            Path(r["run"]).name,
             "none" if r["k"] == 0 else r["flow"],
             str(r["k"]),
+            r.get("split", "test"),
             f"{r['neg_elbo']:.2f}",
             f"{r['nll']:.2f} ± {r['nll_stderr']:.2f}",
             *(f"{r[key]:.3f}" for key, _ in bits),
