@@ -25,12 +25,11 @@ def opt(
     *,
     gt: float | None = None,
     ge: float | None = None,
-    lt: float | None = None,
     choices: tuple | None = None,
     doc: str = "",
 ) -> Any:
     """A dataclass field with range/choice metadata used by validation."""
-    meta = {"gt": gt, "ge": ge, "lt": lt, "choices": choices, "doc": doc}
+    meta = {"gt": gt, "ge": ge, "choices": choices, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -116,13 +115,6 @@ class TrainConfig:
         choices=("joint", "kl"),
         doc="what β_t weighs: all of log p(x, z_K) (the paper's), or only the KL term "
         "log q - log p(z) (VAE: a KL warm-up)",
-    )
-    ema: float = opt(
-        0.0,
-        ge=0,
-        lt=1,
-        doc="decay of an exponential moving average of the weights, which validation, best.pt "
-        "and eval use (0 = off; 0.999 averages about the last 1,000 updates)",
     )
     grad_clip: float = opt(0.0, ge=0, doc="clip the gradient norm to this value (0 = off)")
     log_every: int = opt(100, gt=0, doc="steps between logged metrics")
@@ -360,10 +352,6 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
         if meta.get("ge") is not None and not v >= meta["ge"]:
             raise ConfigError(
                 f"config key {key} = {value!r} is out of range: must be >= {meta['ge']}"
-            )
-        if meta.get("lt") is not None and not v < meta["lt"]:
-            raise ConfigError(
-                f"config key {key} = {value!r} is out of range: must be < {meta['lt']}"
             )
 
 

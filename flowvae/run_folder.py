@@ -49,10 +49,9 @@ def check_output_folder(out_dir: Path, need_bytes: int) -> None:
         )
 
 
-def checkpoint_bytes(model: torch.nn.Module, averaged: bool = False) -> int:
+def checkpoint_bytes(model: torch.nn.Module) -> int:
     n = sum(p.numel() * p.element_size() for p in model.parameters())
-    copies = 4 if averaged else 3  # weights, two optimiser moments (and the weight average)
-    return 2 * copies * n + 8 * 2**20  # last + best, plus slack
+    return 2 * 3 * n + 8 * 2**20  # last + best, each with two optimiser moments, plus slack
 
 
 def save_checkpoint(obj: dict[str, Any], path: Path) -> None:

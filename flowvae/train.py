@@ -24,7 +24,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import Tensor, nn
 
 from flowvae import checkpoint, distributed, experiments, guard
-from flowvae.averaging import WeightAverage
 from flowvae.config import Config, dump, from_dict, to_dict
 from flowvae.device import resolve_device
 from flowvae.distributed import SINGLE, Shard
@@ -66,7 +65,6 @@ class Trainer:
     shard: Shard = SINGLE
     forward_model: nn.Module | None = None
     params: list[Tensor] = field(default_factory=list)
-    average: WeightAverage | None = None  # train.ema > 0
 
     def __post_init__(self) -> None:
         self.forward_model = self.forward_model or self.model
@@ -126,10 +124,7 @@ def build_trainer(cfg: Config, device: torch.device, shard: Shard = SINGLE) -> T
     check_every = min(t.log_every, t.max_bad_steps)
     nonfinite = guard.NonFiniteGuard(t.max_bad_steps, check_every, deferred, device)
     schedule = make_schedule(cfg, optimizer)
-    average = WeightAverage(model, t.ema) if t.ema > 0 else None
-    return Trainer(
-        cfg, experiment, model, optimizer, schedule, nonfinite, device, shard, average=average
-    )
+    return Trainer(cfg, experiment, model, optimizer, schedule, nonfinite, device, shard)
 
 
 def train_step(tr: Trainer, step: int, signalled: bool = False) -> StepOutput:
@@ -147,8 +142,6 @@ def train_step(tr: Trainer, step: int, signalled: bool = False) -> StepOutput:
     # save together.
     loss_all, stop = distributed.agree(loss.detach(), signalled, tr.shard)
     ok = tr.guard.step(tr.optimizer, loss_all + grad_norm)
-    if tr.average is not None and ok is not False:
-        tr.average.update(step)
     tr.schedule.step()
     return StepOutput(loss_all, metrics, grad_norm, beta, ok, stop)
 
@@ -193,11 +186,7 @@ def prepare_resume(
 
 def restore(tr: Trainer, state: dict[str, Any]) -> tuple[int, float, float]:
     """Load a checkpoint into the trainer; returns (step, best score, seconds trained)."""
-    # With a weight average, "model" holds the average (what eval reads) and "train_model" the
-    # weights training moves on from.
-    tr.model.load_state_dict(state.get("train_model", state["model"]))
-    if tr.average is not None:
-        tr.average.load_state_dict(state["model"])
+    tr.model.load_state_dict(state["model"])
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.schedule.load_state_dict(state["schedule"])
     set_rng_state(state["rng"], tr.device)
@@ -340,7 +329,7 @@ def _train(cfg, out_dir, resume, console, progress, tensorboard, on_start) -> Ru
     tr = build_trainer(cfg, device, shard)
     step, best, elapsed = restore(tr, saved) if saved is not None else (0, math.inf, 0.0)
     if main:
-        check_output_folder(out_dir, checkpoint_bytes(tr.model, tr.average is not None))
+        check_output_folder(out_dir, checkpoint_bytes(tr.model))
         if saved is not None:
             truncate_metrics(out_dir / "metrics.jsonl", step)
         checkpoint.write_text_atomic(out_dir / "config.yaml", dump(cfg))
@@ -425,11 +414,8 @@ class Checkpoints:
 def snapshot(
     tr: Trainer, step: int, best: float, seconds: float, score: float | None
 ) -> dict[str, Any]:
-    weights: dict[str, Any] = {"model": tr.model.state_dict()}
-    if tr.average is not None:
-        weights = {"model": tr.average.state_dict(tr.model), "train_model": weights["model"]}
     return checkpoint.make_checkpoint(
-        **weights,
+        model=tr.model.state_dict(),
         optimizer=tr.optimizer.state_dict(),
         schedule=tr.schedule.state_dict(),
         step=step,
@@ -482,8 +468,7 @@ class Logger:
         if not self.main:
             return math.inf
         tr.model.eval()
-        averaged = tr.average.swapped_in() if tr.average is not None else nullcontext()
-        with averaged, held_out_rng(tr.cfg.seed, tr.device):
+        with held_out_rng(tr.cfg.seed, tr.device):
             val = tr.experiment.validate()
             images = tr.experiment.images()
         self.metrics.scalars(step, val, "valid")
