@@ -448,7 +448,7 @@ def nll_table(rows: list[dict], paper: PaperTable | None = None) -> str:
         khat = f"{r['khat_over_0_7']:.1%}" if "khat_over_0_7" in r else "—"
         ess = f"{r['ess_median']:.1f}" if "ess_median" in r else "—"
         cells = [
-            Path(r["run"]).name,
+            Path(r["run"]).name if "run" in r else "—",
             "none" if r["k"] == 0 else r["flow"],
             str(r["k"]),
             r.get("split", "test"),
