@@ -54,7 +54,10 @@ mnist-quick:
 FIG3_OUT ?= runs/figure3
 figure3:
 	$(FLOWVAE) sweep --config configs/energy.yaml --grid target.name=U1,U2,U3,U4 \
-		--grid flow.name=planar,radial,nice --grid flow.k=2,8,32 --grid seed=0,1 \
+		--grid flow.name=planar,radial --grid flow.k=2,8,32 --grid seed=0,1 \
+		--checkpoint last --out $(FIG3_OUT) --no-progress
+	$(FLOWVAE) sweep --config configs/energy-nice.yaml --grid target.name=U1,U2,U3,U4 \
+		--grid flow.name=nice --grid flow.k=2,8,32 --grid seed=0,1 \
 		--checkpoint last --out $(FIG3_OUT) --no-progress
 	$(FLOWVAE) report $(FIG3_OUT) --out docs/figure3.md --figure docs/figure3.png
 
