@@ -204,12 +204,10 @@ def evaluate(
     """
     from flowvae import distributed
     from flowvae.device import resolve_device
-    from flowvae.errors import ConfigError
     from flowvae.experiments import EvalOptions
     from flowvae.runs import evaluate, load_run
 
-    if split not in ("test", "valid"):
-        raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")
+    check_split(split)
     # Under torchrun every process evaluates its share of the images; rank 0 reports.
     shard, dev = distributed.init_eval(resolve_device(device))
     try:
@@ -351,8 +349,7 @@ def sweep(
 
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint {checkpoint!r} is not allowed (choices: best, last)")
-    if split not in ("test", "valid"):
-        raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")
+    check_split(split)
 
     first, *more = iw_samples or [None]
 
@@ -514,11 +511,11 @@ def configs(
     """
     import yaml
 
-    from flowvae.config import read_config, resolve_config, shipped_configs
+    from flowvae.config import read_config, read_yaml, resolve_config, shipped_configs
 
     if name is not None:
         text = resolve_config(name).read_text(encoding="utf-8")
-        if "extends" in (yaml.safe_load(text) or {}):
+        if "extends" in read_yaml(name):
             # A copy must stand on its own: the file's own lines, then everything it inherits.
             merged = yaml.safe_dump(read_config(name), sort_keys=False)
             own = [line if line.startswith("#") else f"# {line}" for line in text.splitlines()]
@@ -539,6 +536,13 @@ def _first_comment(path: Path) -> str:
         if line.startswith("#"):
             return line.lstrip("# ").strip()
     return ""
+
+
+def check_split(split: str) -> None:
+    from flowvae.errors import ConfigError
+
+    if split not in ("test", "valid"):
+        raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")
 
 
 def main() -> None:
