@@ -154,6 +154,20 @@ def test_eval_table(energy_run, run_cli):
         json.loads(proc.stdout)
 
 
+def test_report_table_cells(eval_json):
+    """A cell is KL ± s.e. for one run and the seeds' KLs in seed order for several, to four
+    decimals: good fits differ in the third (planar K = 8 vs 32 on U1: about 0.013 vs 0.003)."""
+    from flowvae.experiments.density import kl_table
+
+    one = kl_table([{**eval_json, "config": {"seed": 0}}])
+    assert f"| U1 | {eval_json['kl']:.4f} ± {eval_json['kl_stderr']:.4f} |" in one
+    assert one.splitlines()[0] == "| target | planar K=4 |"
+
+    other = {**eval_json, "kl": eval_json["kl"] / 3, "config": {"seed": 1}}
+    two = kl_table([other, {**eval_json, "config": {"seed": 0}}])
+    assert f"| U1 | {eval_json['kl']:.4f} / {eval_json['kl'] / 3:.4f} |" in two
+
+
 def test_sample_png(energy_run, run_cli):
     from PIL import Image
 

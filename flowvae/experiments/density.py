@@ -185,5 +185,6 @@ def _kl_cell(runs: list[dict]) -> str:
     if not runs:
         return "—"
     if len(runs) == 1:
-        return f"{runs[0]['kl']:.3f} ± {runs[0]['kl_stderr']:.3f}"
-    return " / ".join(f"{r['kl']:.3f}" for r in runs)
+        return f"{runs[0]['kl']:.4f} ± {runs[0]['kl_stderr']:.4f}"
+    # four decimals: the good fits sit at 0.001-0.005 nats, where three would hide the ordering in K
+    return " / ".join(f"{r['kl']:.4f}" for r in runs)
