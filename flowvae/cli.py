@@ -53,7 +53,7 @@ def user_errors(fn):
         except Interrupted as exc:
             err.print(
                 f"[yellow]interrupted[/] at step {exc.step}; checkpoint saved to {exc.path} — "
-                "resume with the same command plus --resume",
+                f"resume with {exc.resume_hint}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -345,7 +345,11 @@ def sweep(
     from flowvae.train import train as run_training
 
     def train_fn(cfg, run_dir, resume):
-        run_training(cfg, run_dir, resume=resume, console=err, progress=not no_progress)
+        try:
+            run_training(cfg, run_dir, resume=resume, console=err, progress=not no_progress)
+        except Interrupted as exc:
+            exc.resume_hint = "the same sweep command (finished runs are skipped)"
+            raise
 
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint {checkpoint!r} is not allowed (choices: best, last)")

@@ -31,6 +31,7 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int, path: Path) -> None:
         self.signum, self.step, self.path = signum, step, path
         self.exit_code = 128 + signum
+        self.resume_hint = "the same command plus --resume"  # `flowvae sweep` says its own
         super().__init__(f"interrupted at step {step}")
 
 

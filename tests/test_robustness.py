@@ -184,6 +184,38 @@ def test_sigint_and_sigterm_save_last_and_resume(tmp_path):
     assert checkpoint.load(last)["step"] == step + 50
 
 
+@pytest.mark.slow
+def test_interrupted_sweep_says_to_rerun_the_sweep(tmp_path):
+    """`flowvae sweep` has no --resume: its interrupted message must name what does resume."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "flowvae", "sweep", "--config", str(CONFIG)]
+    cmd += ["--set", "train.steps=100000", "--set", "train.checkpoint_every=50"]
+    cmd += ["--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("*/checkpoints/last.pt")):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no checkpoint written in 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "interrupted" in stderr and "same sweep command" in stderr, stderr
+    assert "--resume" not in stderr, stderr
+
+
 # -- 2. SIGKILL at random moments -----------------------------------------------------------------
 
 # A fork server: imports torch, flowvae, TensorBoard and matplotlib once, then runs each request
