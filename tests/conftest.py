@@ -3,9 +3,12 @@ fixtures for the real MNIST files and for running the real ``flowvae`` CLI in a 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,38 @@ def run_cli():
         )
 
     return run
+
+
+@pytest.fixture
+def spawn_cli():
+    """``spawn_cli(*args, ready=fn)``: ``python -m flowvae ARGS`` started in its own process group
+    (stderr piped), returned once ``ready()`` is true; killed with its group at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def spawn(*args: str | Path, ready, env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flowvae", *map(str, args)],
+            cwd=ROOT,
+            env=env or _cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        deadline = time.monotonic() + 180
+        while not ready():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "not ready in 180 s"
+            time.sleep(0.05)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -120,15 +120,16 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "flowvae", "train", "--config", str(CONFIG), *args]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+def _interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
+    """Send ``signum``; the process's exit code and stderr, which must hold no traceback."""
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr
+    return proc.returncode, stderr
 
 
 @pytest.mark.slow
-def test_sigint_and_sigterm_save_last_and_resume(tmp_path):
+def test_sigint_and_sigterm_save_last_and_resume(tmp_path, spawn_cli):
     out = tmp_path / "run"
     last = out / "checkpoints" / "last.pt"
     common = [
@@ -143,29 +144,14 @@ def test_sigint_and_sigterm_save_last_and_resume(tmp_path):
     step = 0
     for signum, resume in ((signal.SIGINT, False), (signal.SIGTERM, True)):
         before = last.stat().st_mtime_ns if last.exists() else None
-        cmd = _cli("--set", "train.steps=100000", *common, *(["--resume"] if resume else []))
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 180
-            # wait for a checkpoint written by this process
-            while not (last.exists() and last.stat().st_mtime_ns != before):
-                assert proc.poll() is None, proc.communicate()[1]
-                assert time.monotonic() < deadline, "no checkpoint written in 180 s"
-                time.sleep(0.05)
-            proc.send_signal(signum)
-            _, stderr = proc.communicate(timeout=120)
-        finally:
-            _kill_group(proc)
-        assert proc.returncode == 128 + signum, stderr
-        assert "Traceback" not in stderr, stderr
+        args = ["--set", "train.steps=100000", *common, *(["--resume"] if resume else [])]
+
+        def written(before=before) -> bool:  # a checkpoint written by this process
+            return last.exists() and last.stat().st_mtime_ns != before
+
+        proc = spawn_cli("train", "--config", CONFIG, *args, ready=written)
+        code, stderr = _interrupt(proc, signum)
+        assert code == 128 + signum, stderr
         assert "interrupted" in stderr and "--resume" in stderr, stderr
         ckpt = checkpoint.load(last)
         assert ckpt["step"] > step
@@ -185,33 +171,14 @@ def test_sigint_and_sigterm_save_last_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_says_to_rerun_the_sweep(tmp_path):
+def test_interrupted_sweep_says_to_rerun_the_sweep(tmp_path, spawn_cli):
     """`flowvae sweep` has no --resume: its interrupted message must name what does resume."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "flowvae", "sweep", "--config", str(CONFIG)]
-    cmd += ["--set", "train.steps=100000", "--set", "train.checkpoint_every=50"]
-    cmd += ["--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob("*/checkpoints/last.pt")):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "no checkpoint written in 180 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        _kill_group(proc)
-    assert proc.returncode == 128 + signal.SIGINT, stderr
-    assert "Traceback" not in stderr, stderr
+    args = ["--set", "train.steps=100000", "--set", "train.checkpoint_every=50", "--no-progress"]
+    ready = lambda: any(out.glob("*/checkpoints/last.pt"))  # noqa: E731
+    proc = spawn_cli("sweep", "--config", CONFIG, *args, "--out", out, ready=ready)
+    code, stderr = _interrupt(proc, signal.SIGINT)
+    assert code == 128 + signal.SIGINT, stderr
     assert "interrupted" in stderr and "same sweep command" in stderr, stderr
     assert "--resume" not in stderr, stderr
 

@@ -8,8 +8,6 @@ import io
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from flowvae.config import load_config
 from flowvae.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 TINY = [
     "flow.k=4",
     "train.batch_size=64",
@@ -44,55 +41,40 @@ def quiet() -> tuple[Console, io.StringIO]:
     return Console(file=buf, width=400), buf
 
 
-def start_long_run(out: Path) -> subprocess.Popen:
-    """A density run through the real CLI that goes on until killed; returns once it has
-    written its first checkpoint (so it certainly holds the folder)."""
-    args = [f"--set={o}" for o in TINY] + ["--set=train.steps=1000000", "--no-progress"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flowvae", "train", "--config", "energy", *args, "--out", str(out)],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while not (out / "checkpoints" / "last.pt").exists():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no checkpoint in 180 s"
-        time.sleep(0.05)
-    return proc
-
-
-def test_a_second_writer_is_refused_and_a_killed_one_frees_the_folder(tmp_path):
+def test_a_second_writer_is_refused_and_a_killed_one_frees_the_folder(tmp_path, spawn_cli):
     out = tmp_path / "run"
-    holder = start_long_run(out)
-    try:
-        for resume in ([], ["--resume"]):
-            before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-            t0 = time.monotonic()
-            result = CliRunner().invoke(
-                app, ["train", "--config", "energy", "--out", str(out), *resume, "--no-progress"]
-            )
-            seconds = time.monotonic() - t0
-            assert result.exit_code == 2, result.output
-            lines = [line for line in result.output.splitlines() if line.strip()]
-            assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-            assert str(out) in lines[0] and f"pid {holder.pid}" in lines[0], lines[0]
-            assert seconds < 2.0, seconds
-            # the refused command wrote nothing (the holder may have written meanwhile: only
-            # files older than the refusal are compared)
-            assert not (out / "run.json").exists()
-            for p in out.rglob("*"):
-                if p.is_file() and p.name in before and p.stat().st_mtime_ns < t0 * 1e9:
-                    assert p.stat().st_mtime_ns == before[p.name], p
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait(timeout=30)
-    finally:
-        if holder.poll() is None:
-            os.killpg(holder.pid, signal.SIGKILL)
-            holder.wait(timeout=30)
+    # a density run that goes on until killed, once it has written its first checkpoint (so it
+    # certainly holds the folder)
+    args = [f"--set={o}" for o in TINY] + ["--set=train.steps=1000000", "--no-progress"]
+    holder = spawn_cli(
+        "train",
+        "--config",
+        "energy",
+        *args,
+        "--out",
+        out,
+        ready=(out / "checkpoints" / "last.pt").exists,
+    )
+    for resume in ([], ["--resume"]):
+        before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+        t0 = time.monotonic()
+        result = CliRunner().invoke(
+            app, ["train", "--config", "energy", "--out", str(out), *resume, "--no-progress"]
+        )
+        seconds = time.monotonic() - t0
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+        assert str(out) in lines[0] and f"pid {holder.pid}" in lines[0], lines[0]
+        assert seconds < 2.0, seconds
+        # the refused command wrote nothing (the holder may have written meanwhile: only
+        # files older than the refusal are compared)
+        assert not (out / "run.json").exists()
+        for p in out.rglob("*"):
+            if p.is_file() and p.name in before and p.stat().st_mtime_ns < t0 * 1e9:
+                assert p.stat().st_mtime_ns == before[p.name], p
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
     # SIGKILL released the lock with its holder: an immediate resume runs.
     step = checkpoint.load(out / "checkpoints" / "last.pt")["step"]
     result = train(tiny(f"train.steps={step + 20}"), out, resume=True, console=quiet()[0])
