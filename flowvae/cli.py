@@ -336,7 +336,9 @@ def sweep(
     """Train and evaluate a grid of runs, one after another.
 
     Finished runs are skipped and interrupted ones resumed, so running the same command again
-    continues the sweep. Each run folder gets an eval.json for `flowvae report`.
+    continues the sweep. A run folder trained with another config (train.steps and device
+    aside) is refused rather than reported under this one. Each run folder gets an eval.json
+    for `flowvae report`.
     """
     from flowvae.errors import ConfigError
     from flowvae.experiments import EvalOptions

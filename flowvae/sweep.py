@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowvae import checkpoint
-from flowvae.config import load_config, parse_override
+from flowvae.config import Config, from_dict, load_config, parse_override, read_yaml, to_dict
 from flowvae.errors import CheckpointError, ConfigError
 from flowvae.runlock import hold_run_folder
 
@@ -70,6 +70,33 @@ def read_eval(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+#: What a sweep may change in a run it continues: its length, and the device it runs on.
+CONTINUABLE = frozenset({"train.steps", "device"})
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(run_dir: Path, cfg: Config) -> list[str]:
+    """'key: saved -> new' wherever the config a run folder was trained with differs from
+    ``cfg`` outside CONTINUABLE: a sweep that judged such a folder by its name alone would
+    report, or resume, a run of another config."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return []
+    saved = _flat(to_dict(from_dict(read_yaml(path))))  # defaults filled, as for ``cfg``
+    new = _flat(to_dict(cfg))
+    keys = sorted((saved.keys() | new.keys()) - CONTINUABLE)
+    return [f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in keys if saved.get(k) != new.get(k)]
+
+
 def plan(configs: list[str | Path], grid: list[str]) -> list[tuple[str | Path, GridPoint]]:
     """Every config crossed with every grid point. A run folder is named after its grid point
     when one config is swept over a grid, else after its config file (and grid point)."""
@@ -102,6 +129,13 @@ def sweep(
     points = [p for _, p in planned]
     # Validate every point before the first one runs, so a typo cannot waste hours.
     configs = [load_config(config, overrides + p.overrides) for config, p in planned]
+    for point, cfg in zip(points, configs):
+        if changes := config_changes(out_root / point.name, cfg):
+            more = f" (+{len(changes) - 2} more)" if len(changes) > 2 else ""
+            raise ConfigError(
+                f"sweep: {out_root / point.name} was trained with another config "
+                f"({'; '.join(changes[:2])}{more}) — move that folder away, or choose another --out"
+            )
     with hold_run_folder(out_root):  # one sweep per folder; each run is locked by train too
         for i, (point, cfg) in enumerate(zip(points, configs), 1):
             run_dir = out_root / point.name

@@ -191,6 +191,15 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
         assert "- 50" in saved and "anneal: kl" in saved  # the base's keys under the row's own
     again = run_cli(*args, "--no-progress", cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count(": done") == 2, again.stderr
+    # A row whose config changed since its run is refused before anything runs, not reported
+    # (or resumed) under the new config's name.
+    row = rows / "nice-k2.yaml"
+    row.write_text(row.read_text() + "train: {lr: 2.0e-3}\n")
+    changed = run_cli(*args, "--no-progress", cwd=tmp_path)
+    assert changed.returncode == 2 and ": done" not in changed.stderr, changed.stderr
+    assert changed.stderr.strip().splitlines() == [changed.stderr.strip()], changed.stderr
+    assert "nice-k2 was trained with another config (train.lr: 0.001 -> 0.002)" in changed.stderr
+    row.write_text(row.read_text().replace("train: {lr: 2.0e-3}\n", ""))
     # A sample size asked for later is added to the finished runs, nothing else recomputed.
     before = json.loads((tmp_path / "sweep" / "nice-k2" / "eval.json").read_text())
     more = run_cli(*args, "--iw-samples", "20", "--no-progress", cwd=tmp_path)
