@@ -8,6 +8,7 @@ flowvae sample runs/NAME/checkpoints/best.pt --out figure.png
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -553,3 +554,16 @@ def check_split(split: str) -> None:
 
 def main() -> None:
     app()
+
+
+def _reflow(doc: str | None) -> str | None:
+    """A docstring with each paragraph on one line: rich help keeps single newlines, which
+    leaves ragged lines in a terminal narrower than the source."""
+    if doc is None:
+        return None
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(p.split("\n")) for p in paragraphs)
+
+
+for _info in app.registered_commands:
+    _info.help = _info.help or _reflow(_info.callback.__doc__)

@@ -290,6 +290,8 @@ def test_help_exits_zero(run_cli, tmp_path, args):
     assert proc.stdout.strip()
     if args == ["train", "--help"]:
         assert "--config" in proc.stdout and "--resume" in proc.stdout
+        # paragraphs flow to the terminal's width (200 here), not the docstring's line breaks
+        assert "metrics.jsonl and TensorBoard logs" in proc.stdout
 
 
 def test_keys_lists_train_lr(run_cli, tmp_path):
