@@ -237,3 +237,15 @@ def test_sweep_names_runs_after_grid_points_or_config_files():
     ]
     with pytest.raises(ConfigError, match="share a file name"):
         plan(["x/a.yaml", "y/a.yaml"], [])
+
+
+def test_report_sets_only_test_numbers_beside_the_papers():
+    from flowvae.data import DATASETS
+    from flowvae.experiments.vae import nll_table
+
+    row = {"flow": "planar", "k": 10, "neg_elbo": 89.49, "nll": 86.30, "nll_stderr": 0.22}
+    row |= {"iw_samples": 200, "info": {}}
+    runs = [{**row, "run": "a", "split": "test"}, {**row, "run": "b", "split": "valid"}]
+    table = nll_table(runs, DATASETS.get("mnist").paper).splitlines()
+    test, valid = (next(line for line in table if line.startswith(f"| {r} |")) for r in "ab")
+    assert "| ≤ 87.5 |" in test and "87.5" not in valid and "| valid |" in valid

@@ -459,7 +459,8 @@ def nll_table(rows: list[dict], paper: PaperTable | None = None) -> str:
             *(_estimate(r.get("by_samples", {}).get(str(s))) for s in extra),
             khat,
             ess,
-            paper.cell(r["flow"], r["k"]) if paper is not None else "—",
+            # the paper's numbers are test numbers: a validation run is not set beside them
+            paper.cell(r["flow"], r["k"]) if paper and r.get("split", "test") == "test" else "—",
             str(r["info"].get("steps", r.get("step", "?"))),
             f"{seconds / 60:.1f}" if seconds is not None else "?",
             str(r["info"].get("hardware", "?")),
