@@ -87,11 +87,11 @@ def spawn_cli():
     (stderr piped), returned once ``ready()`` is true; killed with its group at teardown."""
     procs: list[subprocess.Popen] = []
 
-    def spawn(*args: str | Path, ready, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(*args: str | Path, ready) -> subprocess.Popen:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flowvae", *map(str, args)],
             cwd=ROOT,
-            env=env or _cli_env(),
+            env=_cli_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
