@@ -344,6 +344,7 @@ def sweep(
     from flowvae.errors import ConfigError
     from flowvae.experiments import EvalOptions
     from flowvae.runs import evaluate, load_run
+    from flowvae.sweep import EvalsWanted
     from flowvae.sweep import sweep as run_sweep
     from flowvae.train import train as run_training
 
@@ -359,26 +360,11 @@ def sweep(
     check_split(split)
 
     first, *more = iw_samples or [None]
-
-    def missing(result: dict) -> list[int]:
-        """The extra sample sizes a VAE run's eval.json lacks (density runs have none)."""
-        if result.get("iw_samples") is None:
-            return []
-        return [s for s in more if str(s) not in result.get("by_samples", {})]
-
-    def complete(result: dict) -> bool:
-        return result.get("split", split) == split and not missing(result)
+    wanted = EvalsWanted(split, first, more)
 
     def eval_fn(run_dir: Path, previous: dict | None):
         run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
-        # An earlier sweep's estimates are kept; only what it lacks is computed.
-        options = EvalOptions(samples=samples, iw_samples=first, split=split)
-        kept = previous is not None and previous.get("split", split) == split
-        result = previous if kept else evaluate(run, options)
-        for s in missing(result):
-            extra = evaluate(run, EvalOptions(iw_samples=s, split=split))  # the same images
-            result.setdefault("by_samples", {})[str(s)] = extra
-        return result
+        return wanted.fill(previous, lambda s: evaluate(run, EvalOptions(samples, s, split)))
 
     run_sweep(
         config,
@@ -388,7 +374,7 @@ def sweep(
         train_fn,
         eval_fn,
         log=lambda m: err.print(m, highlight=False),
-        complete=complete,
+        complete=wanted.complete,
     )
 
 
@@ -412,7 +398,9 @@ def report(
     """Collect evaluated runs into Markdown tables beside the paper's numbers.
 
     Reads the eval.json that `flowvae sweep` (or `flowvae eval --json > RUN/eval.json`) leaves
-    in each run folder.
+    in each run folder. VAE runs scored on the same images are also compared image by image:
+    each K against the next shorter one and the flow families at equal K, with the standard
+    error of the per-image differences (far smaller than the rows' own).
     """
     from flowvae.errors import ConfigError
     from flowvae.report import report as make_report

@@ -115,6 +115,43 @@ def plan(configs: list[str | Path], grid: list[str]) -> list[tuple[str | Path, G
     ]
 
 
+@dataclass
+class EvalsWanted:
+    """What a sweep asks of each run's eval.json: estimates on ``split`` at the headline
+    sample size ``first`` (a VAE run's S; None for density runs) and at each of ``more``."""
+
+    split: str
+    first: int | None
+    more: list[int]
+
+    def missing(self, result: dict) -> list[int]:
+        """The extra sample sizes a VAE run's eval.json lacks (density runs have none)."""
+        if result.get("iw_samples") is None:
+            return []
+        return [s for s in self.more if str(s) not in result.get("by_samples", {})]
+
+    def usable(self, result: dict | None) -> bool:
+        """An earlier eval.json of this split, with the per-image estimates that the report
+        pairs (a VAE run's eval.json from before they were kept lacks them)."""
+        if result is None or result.get("split", self.split) != self.split:
+            return False
+        return result.get("iw_samples") is None or "nll_per_image" in result
+
+    def complete(self, result: dict) -> bool:
+        return self.usable(result) and not self.missing(result)
+
+    def fill(self, previous: dict | None, evaluate: Callable[[int | None], dict]) -> dict:
+        """``previous`` with what it lacks computed by ``evaluate`` (S -> one eval result);
+        the extra S an earlier sweep computed on this split are kept."""
+        result = previous if self.usable(previous) else evaluate(self.first)
+        if previous is not None and previous.get("split", self.split) == self.split:
+            kept = previous.get("by_samples", {})
+            result["by_samples"] = {**kept, **result.get("by_samples", {})}
+        for s in self.missing(result):
+            result.setdefault("by_samples", {})[str(s)] = evaluate(s)  # the same images
+        return result
+
+
 def sweep(
     configs: list[str | Path],
     grid: list[str],

@@ -191,6 +191,16 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
         assert "- 50" in saved and "anneal: kl" in saved  # the base's keys under the row's own
     again = run_cli(*args, "--no-progress", cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count(": done") == 2, again.stderr
+    # An eval.json from before per-image estimates were kept gets its headline S again (the
+    # same numbers: the noise is fixed by the seed), and keeps the extra S it has.
+    path = tmp_path / "sweep" / "planar-k2" / "eval.json"
+    kept = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in kept.items() if k != "nll_per_image"}))
+    old = run_cli(*args, "--no-progress", cwd=tmp_path)
+    assert old.returncode == 0 and old.stderr.count(": done") == 1, old.stderr
+    redone = json.loads(path.read_text())
+    assert redone["nll"] == kept["nll"] and redone["by_samples"] == kept["by_samples"]
+    assert redone["nll_per_image"] == kept["nll_per_image"]
     # A row whose config changed since its run is refused before anything runs, not reported
     # (or resumed) under the new config's name.
     row = rows / "nice-k2.yaml"
@@ -212,6 +222,17 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "r.md").read_text()
     assert "−log p(x), S = 50" in text and text.count("| planar |") + text.count("| nice |") == 2
+    # Both rows scored the same images with the same noise, so their per-image difference has
+    # a far smaller standard error than the two rows' own errors combined.
+    planar, nice = (json.loads((tmp_path / "sweep" / f"{n}-k2" / "eval.json").read_text())
+                    for n in ("planar", "nice"))  # fmt: skip
+    per_image = np.array(nice["nll_per_image"]) - np.array(planar["nll_per_image"])
+    assert per_image.shape == (10000,)
+    assert per_image.mean() == pytest.approx(nice["nll"] - planar["nll"], abs=1e-3)
+    paired = per_image.std(ddof=1) / math.sqrt(per_image.size)
+    assert paired < 0.5 * math.hypot(nice["nll_stderr"], planar["nll_stderr"])
+    row = next(line for line in text.splitlines() if line.startswith("| K = 2: nice → planar |"))
+    assert f"| {per_image.mean():+.2f} ± {paired:.2f} |" in row, row
     assert (tmp_path / "f.png").read_bytes()[:8] == PNG_MAGIC
     # Settings are compared on validation images: the same runs, evaluated anew there.
     valid = run_cli(*args[:-4], "--iw-samples", "5", "--split", "valid", "--no-progress",
@@ -249,3 +270,28 @@ def test_report_sets_only_test_numbers_beside_the_papers():
     table = nll_table(runs, DATASETS.get("mnist").paper).splitlines()
     test, valid = (next(line for line in table if line.startswith(f"| {r} |")) for r in "ab")
     assert "| ≤ 87.5 |" in test and "87.5" not in valid and "| valid |" in valid
+
+
+def test_paired_table_compares_each_k_with_the_next_shorter_and_the_families_at_equal_k():
+    from flowvae.experiments.vae import paired_table
+
+    gen = np.random.default_rng(0)
+    hard = gen.gamma(2.0, 10.0, size=400) + 60  # image difficulty, shared by every run
+
+    def run(flow, k, gain, split="test"):
+        nll = hard - gain + gen.normal(0, 0.5, size=hard.size)
+        return {"flow": flow, "k": k, "split": split, "iw_samples": 200,
+                "nll_per_image": nll.tolist()}  # fmt: skip
+
+    rows = [run("planar", 0, 0.0), run("planar", 10, 1.0), run("planar", 20, 1.5)]
+    rows += [run("nice", 10, 0.3), run("nice", 20, 0.6), run("nice", 20, 0.7)]  # two seeds
+    rows += [run("planar", 10, 2.0, split="valid")]  # a lone validation run: no partner
+    lines = paired_table(rows).splitlines()[2:]
+    labels = [line.split(" | ")[0].lstrip("| ") for line in lines]
+    assert labels == [
+        "planar: K = 0 → 10", "planar: K = 10 → 20", "nice: K = 0 → 10", "K = 10: nice → planar"
+    ]  # fmt: skip
+    cells = {label: line.split(" | ")[3] for label, line in zip(labels, lines)}
+    mean, stderr = (float(x) for x in cells["planar: K = 10 → 20"].split(" ± "))
+    assert abs(mean - 0.5) < 3 * stderr and stderr < 0.1  # the shared difficulty cancels
+    assert paired_table([rows[0]]) is None

@@ -13,6 +13,7 @@ logit-normal of the paper's CIFAR-10 experiment for pixels in (0, 1).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from pathlib import Path
@@ -365,6 +366,9 @@ class VAEExperiment:
             "likelihood": self.likelihood,
             # continuous pixels: bits/dim too (flowvae.data.pixels says in which space)
             **self.data.pixels.metrics(float(nll.mean()), nll_stderr, self.data.dim),
+            # every image's estimate, in the split's order: runs scored on the same images
+            # are compared image by image (paired_table), far tighter than by their means
+            "nll_per_image": [round(v, 4) for v in nll.tolist()],
             "seconds": time.perf_counter() - start,
         }
 
@@ -412,6 +416,8 @@ class VAEExperiment:
             entry = DATASETS.get(dataset)
             title = entry.title if likelihood == entry.likelihood else f"{dataset}, {likelihood}"
             lines += [f"## Flow VAE on {title}", "", nll_table(group, entry.paper), ""]
+            if paired := paired_table(group):
+                lines += [PAIRED_INTRO, "", paired, ""]
             if options.plot is not None:
                 plot = options.plot
                 if len(groups) > 1:
@@ -467,6 +473,64 @@ def nll_table(rows: list[dict], paper: PaperTable | None = None) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+PAIRED_INTRO = (
+    "Differences in −log p(x) between runs scored on the same images, image by image "
+    "(positive: the second run is better), ± the standard error of the per-image differences:"
+)
+
+
+def paired_table(rows: list[dict]) -> str | None:
+    """Each flow against the flow-free model and its own next-shorter K, and the families
+    against each other at equal K, from the per-image estimates of runs on the same images.
+
+    Two runs scored on the same images share most of their spread (some images are hard for
+    every model), so the standard error of the per-image differences is a fraction of the
+    runs' own standard errors: it says whether one K beats another, which theirs cannot."""
+    lines = []
+    for split, label, a, b in _pairs(rows):
+        x, y = torch.tensor(a["nll_per_image"]), torch.tensor(b["nll_per_image"])
+        if x.shape != y.shape or a["iw_samples"] != b["iw_samples"]:
+            continue
+        diff = (x - y).double()
+        mean, stderr = float(diff.mean()), float(diff.std()) / math.sqrt(diff.numel())
+        lines.append(
+            f"| {label} | {split} | {a['iw_samples']} | {mean:+.2f} ± {stderr:.2f} "
+            f"| {mean / stderr:+.1f} |"
+        )
+    if not lines:
+        return None
+    head = "| comparison | split | IS samples | difference (nats) | difference / s.e. |"
+    return "\n".join([head, "|---|---|---:|---:|---:|", *lines])
+
+
+def _pairs(rows: list[dict]) -> list[tuple[str, str, dict, dict]]:
+    """(split, label, run, the run it is compared with) for paired_table."""
+    from flowvae.paper import flow_rank
+
+    found: dict[tuple[str, str, int], list[dict]] = {}
+    for r in rows:
+        flow = "none" if r["k"] == 0 else r["flow"]
+        if "nll_per_image" in r:
+            found.setdefault((r.get("split", "test"), flow, r["k"]), []).append(r)
+    # A (flow, K) evaluated more than once (seeds, a longer preview) has no single partner.
+    runs = {key: group[0] for key, group in found.items() if len(group) == 1}
+    pairs = []
+    for split in sorted({s for s, *_ in runs}):
+        at = {(f, k): r for (s, f, k), r in runs.items() if s == split}
+        flows = sorted({f for f, _ in at if f != "none"}, key=flow_rank)
+        for flow in flows:
+            chain = [at[("none", 0)]] if ("none", 0) in at else []
+            chain += [at[key] for key in sorted(key for key in at if key[0] == flow)]
+            for a, b in itertools.pairwise(chain):
+                pairs.append((split, f"{flow}: K = {a['k']} → {b['k']}", a, b))
+        for first, second in itertools.combinations(flows, 2):
+            for k in sorted(k for f, k in at if f == first and (second, k) in at):
+                pairs.append(
+                    (split, f"K = {k}: {second} → {first}", at[(second, k)], at[(first, k)])
+                )
+    return pairs
 
 
 def _estimate(result: dict | None) -> str:
