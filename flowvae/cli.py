@@ -337,9 +337,10 @@ def sweep(
     """Train and evaluate a grid of runs, one after another.
 
     Finished runs are skipped and interrupted ones resumed, so running the same command again
-    continues the sweep. A run folder trained with another config (train.steps and device
-    aside) is refused rather than reported under this one. Each run folder gets an eval.json
-    for `flowvae report`.
+    continues the sweep. A run folder trained with another config is refused rather than
+    reported under this one; only the device may differ, and train.steps may grow for a
+    constant learning rate (a cosine decay is laid out over the run's length). Each run folder
+    gets an eval.json for `flowvae report`.
     """
     from flowvae.errors import ConfigError
     from flowvae.experiments import EvalOptions

@@ -70,7 +70,8 @@ def read_eval(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-#: What a sweep may change in a run it continues: its length, and the device it runs on.
+#: What a sweep may change in a run it continues: the device it runs on, and its length when
+#: that only adds updates (see config_changes).
 CONTINUABLE = frozenset({"train.steps", "device"})
 
 
@@ -94,7 +95,15 @@ def config_changes(run_dir: Path, cfg: Config) -> list[str]:
     saved = _flat(to_dict(from_dict(read_yaml(path))))  # defaults filled, as for ``cfg``
     new = _flat(to_dict(cfg))
     keys = sorted((saved.keys() | new.keys()) - CONTINUABLE)
-    return [f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in keys if saved.get(k) != new.get(k)]
+    changes = [
+        f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in keys if saved.get(k) != new.get(k)
+    ]
+    before, after = saved["train.steps"], new["train.steps"]
+    # A run trained past the config's length is not a run of it, and a cosine decay is laid out
+    # over train.steps: a longer one is another schedule from the first update on.
+    if before != after and (after < before or new["train.lr_schedule"] == "cosine"):
+        changes.append(f"train.steps: {before!r} -> {after!r}")
+    return changes
 
 
 def plan(configs: list[str | Path], grid: list[str]) -> list[tuple[str | Path, GridPoint]]:
