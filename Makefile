@@ -69,7 +69,7 @@ mnist-results:
 	$(FLOWVAE) report $(MNIST_OUT) --out docs/results-mnist.md --plot docs/nll_vs_k.png
 
 # The paper's Table 2 and Figure 4: nine rows (K = 0; planar and NICE, K = 10, 20, 40, 80), one
-# config each in configs/table2/, about an hour a row on 2 cores, each evaluated at S = 200 and
+# config each in configs/table2/, 45,000 updates a row (at most an hour on 2 cores), each evaluated at S = 200 and
 # S = 5,000 on the test set from its best.pt (chosen on validation data). Finished rows are
 # skipped and interrupted ones resumed; TABLE2_ROWS picks rows, e.g.
 #   make table2 TABLE2_ROWS=configs/table2/planar-k10.yaml
