@@ -152,10 +152,12 @@ class EvalsWanted:
     def fill(self, previous: dict | None, evaluate: Callable[[int | None], dict]) -> dict:
         """``previous`` with what it lacks computed by ``evaluate`` (S -> one eval result);
         the extra S an earlier sweep computed on this split are kept."""
-        result = previous if self.usable(previous) else evaluate(self.first)
-        if previous is not None and previous.get("split", self.split) == self.split:
-            kept = previous.get("by_samples", {})
-            result["by_samples"] = {**kept, **result.get("by_samples", {})}
+        if self.usable(previous):
+            result = previous
+        else:
+            result = evaluate(self.first)
+            if previous is not None and previous.get("split", self.split) == self.split:
+                result["by_samples"] = previous.get("by_samples", {})
         for s in self.missing(result):
             result.setdefault("by_samples", {})[str(s)] = evaluate(s)  # the same images
         return result
