@@ -3,7 +3,7 @@ PYTHON ?= python
 FLOWVAE ?= $(PYTHON) -m flowvae
 RUN ?= runs/energy-U1-planar-k32
 
-.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 table2-ablation table3
+.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3
 
 setup: install train
 
@@ -79,6 +79,15 @@ table2:
 	$(FLOWVAE) sweep $(foreach row,$(TABLE2_ROWS),--config $(row)) --out $(TABLE2_OUT) \
 		--iw-samples 200 --iw-samples 5000 --no-progress
 	$(FLOWVAE) report $(TABLE2_OUT) --out docs/table2.md --plot docs/figure4.png
+
+# The numbers the docs quote, kept in the repository: a run's eval.json (with its per-image
+# estimates), run.json and config.yaml, not its checkpoints, under docs/runs/<table>/, so that
+# `flowvae report docs/runs/table2` rebuilds the table and the paired differences once runs/ is gone.
+#   make keep KEEP_RUN=runs/table2/nice-k40 KEEP_AS=table2
+KEEP_AS ?= table2
+keep:
+	mkdir -p docs/runs/$(KEEP_AS)/$(notdir $(KEEP_RUN))
+	cp $(KEEP_RUN)/eval.json $(KEEP_RUN)/run.json $(KEEP_RUN)/config.yaml docs/runs/$(KEEP_AS)/$(notdir $(KEEP_RUN))/
 
 # What each ingredient of the Table 2 recipe buys: planar K = 10 at 40,000 updates (about 13
 # minutes on 2 cores) with one ingredient changed per config in configs/table2-ablation/,
