@@ -78,7 +78,8 @@ TABLE2_ROWS ?= $(sort $(wildcard configs/table2/*.yaml))
 table2:
 	$(FLOWVAE) sweep $(foreach row,$(TABLE2_ROWS),--config $(row)) --out $(TABLE2_OUT) \
 		--iw-samples 200 --iw-samples 5000 --no-progress
-	$(FLOWVAE) report $(TABLE2_OUT) --out docs/table2.md --plot docs/figure4.png
+	for run in $(TABLE2_OUT)/*/; do [ ! -f $$run/eval.json ] || $(MAKE) -s keep KEEP_RUN=$${run%/} KEEP_AS=table2; done
+	$(FLOWVAE) report docs/runs/table2 --out docs/table2.md --plot docs/figure4.png
 
 # The numbers the docs quote, kept in the repository: a run's eval.json (with its per-image
 # estimates), run.json and config.yaml, not its checkpoints, under docs/runs/<table>/, so that
