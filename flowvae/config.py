@@ -72,6 +72,11 @@ class DataConfig:
 class FlowConfig:
     name: str = opt("planar", doc="flow family (see `flowvae list`)")
     k: int = opt(32, ge=0, doc="number of flow layers K (0 = no flow)")
+    amortized: bool = opt(
+        True,
+        doc="VAE: the encoder produces each image's flow parameters (the paper's amortised "
+        "flows); false learns one set shared by all images. Density fits are always global",
+    )
     options: dict = opt({}, doc="family-specific options, e.g. {hidden: [64, 64]} for nice")
 
 

@@ -15,11 +15,19 @@ from flowvae.experiments.vae import FlowVAE, bernoulli_log_lik, free_energy, imp
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def _fitted(steps: int):
+def _fitted(steps: int, amortized: bool = True):
     """The tiny model fitted for ``steps`` Adam updates, as a real run would be: the decoder
     then depends on z (the posterior is not the prior) and q(z|x) is a sensible proposal."""
     torch.manual_seed(0)
-    model = FlowVAE(x_dim=4, latent_dim=1, hidden=[8], flow_name="planar", k=2, activation="tanh")
+    model = FlowVAE(
+        x_dim=4,
+        latent_dim=1,
+        hidden=[8],
+        flow_name="planar",
+        k=2,
+        activation="tanh",
+        amortized=amortized,
+    )
     model = model.double()
     x = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.float64)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -80,8 +88,15 @@ def exact_neg_elbo(model, x):
     return torch.tensor(out)
 
 
-def test_estimate_with_5000_samples_matches_quadrature(model_and_data):
-    model, x = model_and_data
+@pytest.fixture(scope="module")
+def global_model_and_data():
+    """Flow parameters learned once for all data points (flow.amortized: false)."""
+    return _fitted(400, amortized=False)
+
+
+@pytest.mark.parametrize("fitted", ["model_and_data", "global_model_and_data"])
+def test_estimate_with_5000_samples_matches_quadrature(fitted, request):
+    model, x = request.getfixturevalue(fitted)
     exact = -exact_log_px(model, x)
     torch.manual_seed(1)
     with torch.inference_mode():

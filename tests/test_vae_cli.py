@@ -301,3 +301,28 @@ def test_paired_table_compares_each_k_with_the_next_shorter_and_the_families_at_
     mean, stderr = (float(x) for x in cells["planar: K = 10 → 20"].split(" ± "))
     assert abs(mean - 0.5) < 3 * stderr and stderr < 0.1  # the shared difficulty cancels
     assert paired_table([rows[0]]) is None
+
+
+def test_global_flow_layers_train_save_and_evaluate(tmp_path, repo_root, mnist_dir, run_cli):
+    """flow.amortized: false — one NICE coupling net for all images, no flow head on the
+    encoder — through train, the checkpoint and eval."""
+    import torch
+
+    out = tmp_path / "global"
+    proc = run_cli(
+        "train", "--config", repo_root / "configs" / "mnist_quick.yaml",
+        "--set", f"data.root={mnist_dir}", "--set", "data.valid_size=1000",
+        "--set", "model.hidden=[100]", "--set", "flow.name=nice", "--set", "flow.k=2",
+        "--set", "flow.amortized=false", "--set", "train.steps=40",
+        "--set", "train.eval_every=40", "--no-progress", "--out", out,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert not any(key.startswith("flow_head") for key in state)
+    assert any(key.startswith("flow.layers.1.net") for key in state)
+    # A global coupling net reads only its half of z: 20 inputs, no 20-dim context appended.
+    assert state["flow.layers.0.net.0.weight"].shape[1] == 20
+    r = evaluate(run_cli, out)
+    assert (r["flow"], r["k"]) == ("nice", 2)
+    assert math.isfinite(r["nll"]) and 0 < r["nll"] <= r["neg_elbo"]

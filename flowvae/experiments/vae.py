@@ -1,11 +1,12 @@
-"""Experiment 2: a deep latent Gaussian model whose posterior is an amortised flow (DLGM+NF).
+"""Experiment 2: a deep latent Gaussian model whose posterior is a flow (DLGM+NF).
 
 The encoder maps x to the base parameters (μ, σ) *and* the flow parameters λ(x); one sample per
 data point is pushed through the K flows and scored with the annealed free energy
 
     F^β(x) = E_q0[ log q0(z0) - Σ_k log|det J_k| - β (log p(x|z_K) + log p(z_K)) ]
 
-(Rezende & Mohamed 2015, §3.1/§6.2). β = 1 gives the negative ELBO. p(x|z) is the
+(Rezende & Mohamed 2015, §3.1/§6.2). β = 1 gives the negative ELBO. With flow.amortized false
+the layers keep one global λ for all images instead. p(x|z) is the
 likelihood the config names (flowvae.likelihoods): Bernoulli for binarised images, the
 logit-normal of the paper's CIFAR-10 experiment for pixels in (0, 1).
 """
@@ -62,6 +63,7 @@ class FlowVAE(nn.Module):
         flow_options: dict | None = None,
         precision: str = "float32",
         likelihood: str = "bernoulli",
+        amortized: bool = True,
     ) -> None:
         super().__init__()
         if precision not in ("float32", "bf16"):
@@ -72,7 +74,9 @@ class FlowVAE(nn.Module):
         self.encoder = mlp(x_dim, hidden, activation, window)
         self.decoder_body = mlp(latent_dim, list(reversed(hidden)), activation, window)
         width = hidden[-1] if hidden else x_dim
-        self.flow = flows.build(flow_name, latent_dim, k, amortized=True, **(flow_options or {}))
+        self.flow = flows.build(
+            flow_name, latent_dim, k, amortized=amortized, **(flow_options or {})
+        )
         self.mu = nn.Linear(width, latent_dim)
         self.sigma = nn.Linear(width, latent_dim)
         self.flow_head = nn.Linear(width, self.flow.num_params) if self.flow.num_params else None
@@ -287,6 +291,7 @@ class VAEExperiment:
             flow_options=cfg.flow.options,
             precision=m.precision,
             likelihood=self.likelihood,
+            amortized=cfg.flow.amortized,
         ).to(device)
 
     @staticmethod
