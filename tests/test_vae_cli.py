@@ -321,7 +321,7 @@ def test_global_flow_layers_train_save_and_evaluate(tmp_path, repo_root, mnist_d
     state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert not any(key.startswith("flow_head") for key in state)
     assert any(key.startswith("flow.layers.1.net") for key in state)
-    # A global coupling net reads only its half of z: 20 inputs, no 20-dim context appended.
+    # A global coupling net reads only its half of z: 20 inputs, no 40-dim context appended.
     assert state["flow.layers.0.net.0.weight"].shape[1] == 20
     r = evaluate(run_cli, out)
     assert (r["flow"], r["k"]) == ("nice", 2)

@@ -6,9 +6,9 @@ data point is pushed through the K flows and scored with the annealed free energ
     F^β(x) = E_q0[ log q0(z0) - Σ_k log|det J_k| - β (log p(x|z_K) + log p(z_K)) ]
 
 (Rezende & Mohamed 2015, §3.1/§6.2). β = 1 gives the negative ELBO. With flow.amortized false
-the layers keep one global λ for all images instead. p(x|z) is the
-likelihood the config names (flowvae.likelihoods): Bernoulli for binarised images, the
-logit-normal of the paper's CIFAR-10 experiment for pixels in (0, 1).
+the layers keep one global λ for all images instead. p(x|z) is the likelihood the config names
+(flowvae.likelihoods): Bernoulli for binarised images, the logit-normal of the paper's CIFAR-10
+experiment for pixels in (0, 1).
 """
 
 from __future__ import annotations
