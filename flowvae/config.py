@@ -111,6 +111,12 @@ class TrainConfig:
     steps: int = opt(20000, gt=0, doc="parameter updates")
     batch_size: int = opt(512, gt=0, doc="samples (density) or images (VAE) per update")
     lr: float = opt(1e-3, gt=0, doc="learning rate")
+    flow_lr_scale: float = opt(
+        1.0,
+        gt=0,
+        doc="multiplies lr for the encoder's flow head (amortised flows): a deep stack's map "
+        "moves K times as far per update as one layer's",
+    )
     optimizer: str = opt("adam", choices=("adam", "adamax", "rmsprop"), doc="optimiser")
     momentum: float = opt(0.9, ge=0, doc="RMSprop momentum")
     lr_schedule: str = opt("constant", choices=("constant", "cosine"), doc="learning-rate schedule")
@@ -389,6 +395,12 @@ def _check_names(cfg: Config) -> None:
         if key not in allowed:
             subject = f"config key flow.options.{key} is not an option of flow '{cfg.flow.name}'"
             raise ConfigError(unknown_name(subject, key, allowed, "options"))
+    amortised_head = cfg.experiment == "vae" and cfg.flow.amortized and cfg.flow.k > 0
+    if cfg.train.flow_lr_scale != 1.0 and not amortised_head:
+        raise ConfigError(
+            "config key train.flow_lr_scale scales the encoder's flow head, which only a VAE "
+            "with an amortised flow (flow.amortized: true, flow.k > 0) has — remove the key"
+        )
 
 
 def from_dict(data: dict) -> Config:

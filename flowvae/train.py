@@ -92,6 +92,22 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=t.lr, momentum=t.momentum)
 
 
+def param_groups(cfg: Config, model: nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters at lr, and the encoder's flow head at lr · train.flow_lr_scale.
+
+    Adam moves every head output by about lr per update whatever K is, so the map of K layers
+    moves about K times as far as one layer's: the scale gives a deep stack a smaller step."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.flow_lr_scale == 1.0:
+        return [{"params": params, "lr": t.lr}]
+    ids = {id(p) for p in model.flow_head.parameters()}  # the config says there is one
+    return [
+        {"params": [p for p in params if id(p) not in ids], "lr": t.lr},
+        {"params": [p for p in params if id(p) in ids], "lr": t.lr * t.flow_lr_scale},
+    ]
+
+
 def make_schedule(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
     steps = cfg.train.steps
     if cfg.train.lr_schedule == "cosine":
@@ -118,7 +134,7 @@ def build_trainer(cfg: Config, device: torch.device, shard: Shard = SINGLE) -> T
     if device.type == "cpu" and experiment.single_thread:
         torch.set_num_threads(1)
     model = experiment.model
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    optimizer = make_optimizer(cfg, param_groups(cfg, model))
     t = cfg.train
     deferred = guard.uses_deferred(optimizer, device)
     check_every = min(t.log_every, t.max_bad_steps)

@@ -117,6 +117,12 @@ BAD_INPUTS = [
         ["--set", "train.anneal=kl"],
         ["train.anneal", "density", "use joint"],
     ),
+    case(
+        "flow-lr-scale-density",
+        ENERGY,
+        ["--set", "train.flow_lr_scale=0.5"],
+        ["train.flow_lr_scale", "amortised flow", "remove the key"],
+    ),
     case("eps-zero", ENERGY, ["--set", "data.eps=0"], ["data.eps", "out of range", "> 0"]),
     case(
         "flow-option",
