@@ -455,7 +455,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, less the sections its experiment never reads (a VAE run's
+    config naming a 2-D energy would only mislead)."""
+    from flowvae.experiments import EXPERIMENTS
+
+    data = dataclasses.asdict(cfg)
+    for section in EXPERIMENTS.get(cfg.experiment).unused:
+        del data[section]
+    return data
 
 
 def dump(cfg: Config) -> str:

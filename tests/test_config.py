@@ -246,11 +246,20 @@ def test_run_folder_config_round_trips(tmp_path, repo_root):
 
 @pytest.mark.parametrize("name", ["energy.yaml", "mnist.yaml", "mnist_quick.yaml"])
 def test_dumped_config_round_trips(tmp_path, repo_root, name):
-    cfg = load_config(repo_root / "configs" / name, ["model.hidden=[16, 8]", "data.root=/x/y"])
+    cfg = load_config(repo_root / "configs" / name, ["model.hidden=[16, 8]", "flow.k=3"])
     path = tmp_path / "resolved.yaml"
     path.write_text(dump(cfg), encoding="utf-8")
     assert load_config(path) == cfg
     assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize(
+    "name, kept, left_out", [("energy.yaml", "target", "data"), ("mnist.yaml", "data", "target")]
+)
+def test_dumped_config_leaves_out_what_its_experiment_never_reads(repo_root, name, kept, left_out):
+    written = yaml.safe_load(dump(load_config(repo_root / "configs" / name)))
+    assert kept in written and left_out not in written
+    assert {"flow", "model", "train", "eval"} <= written.keys()
 
 
 SHIPPED = sorted(

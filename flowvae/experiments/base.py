@@ -62,6 +62,8 @@ class Experiment(Protocol):
     single_thread: ClassVar[bool]
     #: The train.anneal values it understands (what β_t may weigh).
     anneals: ClassVar[tuple[str, ...]]
+    #: Config sections it never reads, left out of the config a run writes.
+    unused: ClassVar[tuple[str, ...]]
     model: nn.Module
 
     def __init__(self, cfg: Any, device: torch.device) -> None: ...

@@ -82,6 +82,7 @@ class DensityExperiment:
     eval_keys += ["samples"]
     single_thread = True
     anneals = ("joint",)  # an energy has no likelihood term to keep out of the annealing
+    unused = ("data",)
 
     def __init__(self, cfg, device: torch.device) -> None:
         self.cfg = cfg

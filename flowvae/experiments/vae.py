@@ -260,6 +260,7 @@ class VAEExperiment:
     eval_keys += ["bits_per_dim", "bits_per_dim_stderr", "bits_per_dim_8bit"]
     single_thread = False
     anneals = tuple(ANNEALED)
+    unused = ("target",)
 
     def __init__(self, cfg, device: torch.device) -> None:
         from flowvae.data import DATASETS
