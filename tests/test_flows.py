@@ -376,6 +376,20 @@ def test_change_of_variables_density_integrates_to_one(name):
     assert abs(totals[-1] - 1.0) <= 1e-3, f"∫ q_K = {totals[-1]:.6f} (grids {totals})"
 
 
+@pytest.mark.parametrize("k", [1, 12])
+@pytest.mark.parametrize("name", NAMES)
+def test_one_parameter_row_is_shared_by_every_row(name, k):
+    """Amortised parameters of shape (1, P) act as that row repeated for every z (the
+    importance sampler passes one image's parameters for all its samples this way)."""
+    gen = generator("shared", name, k)
+    stack = random_stack(name, 5, "amortized", k, gen)
+    row = 0.5 * torch.randn(1, stack.num_params, generator=gen, dtype=F64)
+    z = torch.randn(7, 5, generator=gen, dtype=F64)
+    shared, repeated = stack(z, row), stack(z, row.expand(7, -1).contiguous())
+    for a, b in zip(shared, repeated):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # -- 5. empty stacks and float32 ------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", NAMES)

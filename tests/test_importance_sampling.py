@@ -104,6 +104,16 @@ def test_estimate_with_5000_samples_matches_quadrature(fitted, request):
     assert (nll - exact).abs().max() < 0.01, (nll, exact)
 
 
+def test_one_image_at_a_time_matches_quadrature(model_and_data):
+    """With one image per call its flow parameters are shared by the samples, not repeated."""
+    model, x = model_and_data
+    exact = -exact_log_px(model, x)
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        nll = torch.cat([importance_nll(model, row[None], samples=5000).nll for row in x])
+    assert (nll - exact).abs().max() < 0.01, (nll, exact)
+
+
 def test_more_samples_tighten_the_bound_and_one_sample_is_the_elbo(loose_model_and_data):
     model, x = loose_model_and_data
     exact_nll = -exact_log_px(model, x)

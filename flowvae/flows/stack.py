@@ -30,7 +30,8 @@ class FlowStack(nn.Module):
         return len(self.layers)
 
     def check(self, params: Tensor | None) -> None:
-        """Raise a ValueError unless ``params`` fits this stack (amortised: shape (B, P))."""
+        """Raise a ValueError unless ``params`` fits this stack (amortised: shape (B, P), or
+        (1, P) shared by every row of z)."""
         if not self.amortized or self.num_params == 0:
             return
         if params is None:
