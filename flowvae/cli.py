@@ -363,9 +363,9 @@ def sweep(
     first, *more = iw_samples or [None]
     wanted = EvalsWanted(split, first, more)
 
-    def eval_fn(run_dir: Path, previous: dict | None):
+    def eval_fn(run_dir: Path, previous: dict | None, save):
         run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
-        return wanted.fill(previous, lambda s: evaluate(run, EvalOptions(samples, s, split)))
+        return wanted.fill(previous, lambda s: evaluate(run, EvalOptions(samples, s, split)), save)
 
     run_sweep(
         config,

@@ -3,6 +3,7 @@ and leave an ``eval.json`` in each run folder for `flowvae report`."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Callable
@@ -149,18 +150,30 @@ class EvalsWanted:
     def complete(self, result: dict) -> bool:
         return self.usable(result) and not self.missing(result)
 
-    def fill(self, previous: dict | None, evaluate: Callable[[int | None], dict]) -> dict:
-        """``previous`` with what it lacks computed by ``evaluate`` (S -> one eval result);
-        the extra S an earlier sweep computed on this split are kept."""
+    def fill(
+        self,
+        previous: dict | None,
+        evaluate: Callable[[int | None], dict],
+        save: Callable[[dict], None],
+    ) -> dict:
+        """``previous`` with what it lacks computed by ``evaluate`` (S -> one eval result),
+        handed to ``save`` after each evaluation, so that an interrupted S = 5,000 keeps the
+        S = 200 before it; the extra S an earlier sweep computed on this split are kept."""
         if self.usable(previous):
             result = previous
         else:
             result = evaluate(self.first)
             if previous is not None and previous.get("split", self.split) == self.split:
                 result["by_samples"] = previous.get("by_samples", {})
+            save(result)
         for s in self.missing(result):
             result.setdefault("by_samples", {})[str(s)] = evaluate(s)  # the same images
+            save(result)
         return result
+
+
+def save_eval(run_dir: Path, result: dict) -> None:
+    checkpoint.write_text_atomic(run_dir / "eval.json", json.dumps(result) + "\n")
 
 
 def sweep(
@@ -169,7 +182,8 @@ def sweep(
     out_root: Path,
     overrides: list[str],
     train_fn: Callable,
-    eval_fn: Callable[[Path, dict | None], dict],  # run folder, its eval.json -> the new one
+    # run folder, its eval.json, a saver -> the new eval.json, saved as each part is done
+    eval_fn: Callable[[Path, dict | None, Callable[[dict], None]], dict],
     log: Callable[[str], None] = print,
     complete: Callable[[dict], bool] = bool,  # whether an eval.json holds all that is asked
 ) -> list[Path]:
@@ -194,6 +208,5 @@ def sweep(
                 train_fn(cfg, run_dir, resume=status == "partial")
                 status, previous = "trained", None  # an older eval.json is of older weights
             if status == "trained":
-                result = eval_fn(run_dir, previous)
-                checkpoint.write_text_atomic(run_dir / "eval.json", json.dumps(result) + "\n")
+                eval_fn(run_dir, previous, functools.partial(save_eval, run_dir))
     return [out_root / p.name for p in points]

@@ -335,3 +335,25 @@ def test_lock_on_a_path_that_is_a_file_is_a_one_line_error(tmp_path):
             pass
     assert "cannot write to the output folder" in one_line_naming(excinfo.value, blocker)
     assert blocker.read_text() == "a regular file\n"
+
+
+def test_sweep_saves_each_evaluation_as_it_is_done():
+    """An interruption during the S = 5,000 evaluation keeps the S = 200 one before it."""
+    from flowvae.sweep import EvalsWanted
+
+    saved = []
+
+    def evaluate(s):
+        if s == 5000:
+            raise KeyboardInterrupt
+        return {"iw_samples": s, "nll": 85.0 + s / 1000, "nll_per_image": [85.0]}
+
+    wanted = EvalsWanted("test", 200, [1000, 5000])
+    with pytest.raises(KeyboardInterrupt):
+        wanted.fill(None, evaluate, lambda r: saved.append(json.loads(json.dumps(r))))
+    assert [r["iw_samples"] for r in saved] == [200, 200]
+    assert list(saved[-1]["by_samples"]) == ["1000"] and not wanted.complete(saved[-1])
+    # The next sweep starts from what was saved and computes only S = 5,000.
+    asked = []
+    done = wanted.fill(saved[-1], lambda s: asked.append(s) or {"iw_samples": s}, saved.append)
+    assert asked == [5000] and wanted.complete(done)
