@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,7 @@ def _torch_load(fh: IO[bytes], path: Path, map_location: str | torch.device) -> 
                 "flowvae loads checkpoints with weights_only=True"
             ) from None
         raise CheckpointError(
-            f"{path} is not a readable flowvae checkpoint (truncated or not a checkpoint: {reason})"
+            f"{path} is not a readable flowvae checkpoint: {_what_is_wrong(fh)}"
         ) from None
 
 
@@ -219,6 +220,40 @@ def _check_fields(ckpt: Any, path: Path, verified: bool) -> None:
             f"this flowvae {__version__} reads schema 1 and {SCHEMA} — use the flowvae version "
             "that wrote it"
         )
+
+
+def _what_is_wrong(fh: IO[bytes]) -> str:
+    """What the file is instead of a checkpoint, in the user's terms: torch.load's own errors
+    ("Unsupported operand 80", "pop from empty list") name its internals, not the file."""
+    size = fh.seek(0, os.SEEK_END)
+    if size == 0:
+        return "the file is empty (0 bytes) — use another checkpoint or copy it again"
+    fh.seek(0)
+    head = fh.read(4)
+    fh.seek(0)
+    try:
+        with zipfile.ZipFile(fh) as archive:
+            names = archive.namelist()
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        if head == b"PK\x03\x04":
+            return (
+                "the archive is truncated (its end is missing: a write or copy was cut short) — "
+                "use another checkpoint or copy it again"
+            )
+        return (
+            "it is not a zip archive, as torch.save writes (another kind of file?) — pass a "
+            "checkpoint such as runs/NAME/checkpoints/best.pt"
+        )
+    if not any(name.endswith("/data.pkl") for name in names):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return (
+            f"it is a zip archive but not a torch checkpoint (it holds {shown or 'nothing'}) — "
+            "pass a checkpoint such as runs/NAME/checkpoints/best.pt"
+        )
+    if damaged is not None:
+        return f"the archive's entry {damaged} is damaged — use another checkpoint or copy it again"
+    return "torch cannot read the archive (damaged?) — use another checkpoint or copy it again"
 
 
 def _reason(exc: Exception) -> str:

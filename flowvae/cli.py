@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,11 +19,13 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from flowvae import __version__
 from flowvae.errors import FlowvaeError, Interrupted
 
 app = typer.Typer(
+    cls=None,  # set to _Group below, once it is defined
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -51,6 +54,14 @@ def user_errors(fn):
         except FlowvaeError as exc:
             err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except (RuntimeError, MemoryError) as exc:
+            from flowvae.memory import is_out_of_memory, out_of_memory
+
+            if not is_out_of_memory(exc):
+                raise
+            message = str(out_of_memory(exc, "the sizes asked for (--n, --samples, --max-rows)"))
+            err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except Interrupted as exc:
             err.print(
                 f"[yellow]interrupted[/] at step {exc.step}; checkpoint saved to {exc.path} — "
@@ -105,7 +116,12 @@ def train(
         str | None, typer.Option("--device", help="auto, cpu or cuda (overrides the config).")
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from <out>/checkpoints/last.pt.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out exactly as its config.yaml says (--config/--set may "
+            "only repeat it; train.steps may grow under a constant lr_schedule).",
+        ),
     ] = False,
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="Hide the progress bar.")
@@ -115,18 +131,31 @@ def train(
 
     The run folder gets config.yaml, checkpoints/last.pt and best.pt, metrics.jsonl and
     TensorBoard logs (tensorboard --logdir runs). Ctrl-C saves last.pt, and --resume continues
-    exactly where the run stopped.
+    exactly where the run stopped, with the run's own config.yaml: `flowvae train --out RUN
+    --resume`. A --config or --set that changes the stored run is refused, except train.steps
+    growing under a constant learning rate (the run goes on at that rate; config.yaml and
+    run.json then say the new length). A cosine decay is laid out over train.steps, so such a
+    run cannot be lengthened: train a new one.
     """
     from flowvae.config import load_config
+    from flowvae.errors import ConfigError
     from flowvae.experiments import EXPERIMENTS
+    from flowvae.resume import resume_config
     from flowvae.run_folder import default_out_dir
     from flowvae.train import train as run_training
 
     overrides = list(set_ or [])
     if device is not None:
         overrides.append(f"device={device}")
-    cfg = load_config(config, overrides)
-    target = out_dir or default_out_dir(cfg)
+    if config is None and not resume:
+        raise ConfigError(
+            "train needs a config: --config NAME or --config FILE.yaml (`flowvae configs` lists "
+            "the shipped ones, e.g. --config energy)"
+        )
+    if resume and out_dir is None and config is None:
+        raise ConfigError("--resume needs --out RUN, the run folder to continue")
+    target = out_dir or default_out_dir(load_config(config, overrides))
+    cfg = resume_config(target, config, overrides) if resume else load_config(config, overrides)
 
     def banner(cfg, target) -> None:  # printed only once the run's checks have passed
         what = EXPERIMENTS.get(cfg.experiment).label(cfg)
@@ -139,9 +168,10 @@ def train(
     result = run_training(
         cfg, target, resume=resume, console=err, progress=not no_progress, on_start=banner
     )
+    score = EXPERIMENTS.get(cfg.experiment).score_label
     err.print(
-        f"done: {result.step} steps in {result.seconds:.1f} s; best validation score "
-        f"{result.best_score:.4f}; checkpoints in {result.out_dir / 'checkpoints'}",
+        f"done: {result.step} steps in {result.seconds:.1f} s; best {score} "
+        f"{result.best_score:.4g} nats; checkpoints in {result.out_dir / 'checkpoints'}",
         highlight=False,
     )
 
@@ -202,17 +232,36 @@ def evaluate(
 
     Under `torchrun --nproc_per_node N -m flowvae eval ...` the images are spread over N
     processes, with the same numbers as one process.
+
+    The result is also recorded in the run folder's eval.json (for `flowvae report`), merged
+    as `flowvae sweep` merges: another S of the same split and checkpoint step joins the file,
+    anything else replaces it.
     """
     from flowvae import distributed
     from flowvae.device import resolve_device
     from flowvae.experiments import EvalOptions
-    from flowvae.runs import evaluate, load_run
+    from flowvae.runs import evaluate, load_run, run_folder_of
+    from flowvae.sweep import record_eval
 
     check_split(split)
+    given = {
+        "--samples": samples is not None,
+        "--iw-samples": iw_samples is not None,
+        "--split": split != "test",
+        "--limit": limit is not None,
+        "--data-root": data_root is not None,
+        "--psis": psis,
+        "--max-rows": max_rows is not None,
+    }
     # Under torchrun every process evaluates its share of the images; rank 0 reports.
     shard, dev = distributed.init_eval(resolve_device(device))
     try:
-        run = load_run(checkpoint, device=str(dev), data_root=data_root)
+        run = load_run(
+            checkpoint,
+            device=str(dev),
+            data_root=data_root,
+            check=lambda kind: check_applies(given, kind, "eval"),
+        )
         options = EvalOptions(samples, iw_samples, split, limit, seed, max_rows, psis, shard=shard)
         quiet = (as_json and not sys.stderr.isatty()) or not shard.is_main
         with Progress(console=err, transient=True, disable=quiet) as bar:
@@ -225,10 +274,14 @@ def evaluate(
         return
     if "warning" in result:
         err.print(f"[yellow]warning:[/] {result['warning']}", highlight=False, soft_wrap=True)
+    run_dir = run_folder_of(checkpoint)
+    if run_dir is not None:
+        err.print(f"recorded in {record_eval(run_dir, result)}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
-    table = Table(title=f"{checkpoint}", show_header=True)
+    out.print(str(checkpoint), highlight=False, soft_wrap=True)  # a path is never wrapped
+    table = Table(show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in run.experiment.eval_keys + ["seconds"]:
@@ -243,7 +296,12 @@ def sample(
     checkpoint: Annotated[
         Path, typer.Argument(help="A checkpoint, e.g. runs/NAME/checkpoints/best.pt.")
     ],
-    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Number of samples.")] = 10000,
+    n: Annotated[
+        int | None,
+        typer.Option(
+            "--n", "-n", min=1, help="Number of samples (default: 10,000 density, 64 VAE)."
+        ),
+    ] = None,
     out_file: Annotated[
         Path, typer.Option("--out", "-o", help=".png (picture) or .npz (arrays).")
     ] = Path("samples.png"),
@@ -266,15 +324,18 @@ def sample(
     """
     from flowvae.errors import ConfigError
     from flowvae.experiments import SampleOptions
+    from flowvae.outputs import check_output_file, writing
     from flowvae.runs import load_run
 
     suffix = out_file.suffix.lower()
     if suffix not in (".png", ".npz"):
         raise ConfigError(f"--out {out_file}: use a .png or .npz file name")
-    if not out_file.parent.exists():
-        raise ConfigError(f"--out {out_file}: folder {out_file.parent} does not exist")
-    run = load_run(checkpoint, device=device, data_root=data_root)
-    run.experiment.sample(SampleOptions(n, out_file, seed, reconstruct))
+    check_output_file(out_file, "--out", "samples.png")
+    given = {"--reconstruct": reconstruct, "--data-root": data_root is not None}
+    check = lambda kind: check_applies(given, kind, "sample")  # noqa: E731
+    run = load_run(checkpoint, device=device, data_root=data_root, check=check)
+    with writing(out_file, "--out"):
+        run.experiment.sample(SampleOptions(n, out_file, seed, reconstruct))
     err.print(f"wrote {out_file}", highlight=False)
 
 
@@ -398,21 +459,30 @@ def report(
 ) -> None:
     """Collect evaluated runs into Markdown tables beside the paper's numbers.
 
-    Reads the eval.json that `flowvae sweep` (or `flowvae eval --json > RUN/eval.json`) leaves
-    in each run folder. VAE runs scored on the same images are also compared image by image:
+    Reads the eval.json that `flowvae eval` and `flowvae sweep` leave in each run folder. VAE runs scored on the same images are also compared image by image:
     each K against the next shorter one and the flow families at equal K, with the standard
     error of the per-image differences (far smaller than the rows' own).
     """
     from flowvae.errors import ConfigError
+    from flowvae.outputs import check_output_file, writing
     from flowvae.report import report as make_report
 
     for p in runs:
         if not p.exists():
             raise ConfigError(f"{p} does not exist — pass run folders or a sweep folder")
-    text = make_report(runs, out_file, plot, figure)
+    for path, option, example in (
+        (out_file, "--out", "report.md"),
+        (plot, "--plot", "nll_vs_k.png"),
+        (figure, "--figure", "figure3.png"),
+    ):
+        if path is not None:
+            check_output_file(path, option, example)
+    with writing(out_file or plot or figure, "--out/--plot/--figure"):
+        text = make_report(runs, out_file, plot, figure)
     if not text:
         raise ConfigError(
-            "no evaluated runs found (folders with eval.json) — run `flowvae sweep` or `flowvae eval --json > RUN/eval.json` first"
+            "no evaluated runs found (folders with eval.json) — run `flowvae eval "
+            "RUN/checkpoints/best.pt` or `flowvae sweep` first"
         )
     if out_file is None:
         sys.stdout.write(text + "\n")
@@ -438,7 +508,8 @@ def verify(
         raise ConfigError(f"{path} does not exist — pass a run folder or a checkpoint file")
     rows = verify_folder(path)
     colour = {"ok": "green", "legacy": "green", "missing": "yellow", "busy": "yellow"}
-    table = Table(title=str(path), show_header=True)
+    out.print(str(path), highlight=False, soft_wrap=True)  # a path is never wrapped
+    table = Table(show_header=True)
     table.add_column("file")
     table.add_column("status")
     table.add_column("detail")
@@ -527,11 +598,34 @@ def configs(
 
 
 def _first_comment(path: Path) -> str:
-    """The first comment line of a YAML file (its one-line description), without the '#'."""
+    """The first sentence of a YAML file's opening comment (its description), without the
+    '#'s: a sentence that goes on past a line ends on the next ones, never mid-way."""
+    words: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            if words:
+                break
+            continue
+        words += line.lstrip("#").split()
+        text = " ".join(words)
+        end = re.search(r"[.](\s|$)", text)
+        if end and not re.search(r"\b(e\.g|i\.e|cf|vs|etc)\.$", text[: end.end()].strip()):
+            return text[: end.start() + 1].strip()
+    return " ".join(words)
+
+
+def check_applies(given: dict[str, bool], kind: str, command: str) -> None:
+    """Refuse options that an experiment of ``kind`` does not read (each declares its own)."""
+    from flowvae.errors import ConfigError
+    from flowvae.experiments import EXPERIMENTS
+
+    accepted = getattr(EXPERIMENTS.get(kind), f"{command}_options")
+    wrong = [option for option, is_given in given.items() if is_given and option not in accepted]
+    if wrong:
+        raise ConfigError(
+            f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to a {kind} "
+            f"checkpoint — `flowvae {command}` on it takes {', '.join(sorted(accepted))}"
+        )
 
 
 def check_split(split: str) -> None:
@@ -554,5 +648,42 @@ def _reflow(doc: str | None) -> str | None:
     return "\n\n".join(" ".join(p.split("\n")) for p in paragraphs)
 
 
+class _PlainHelp:
+    """Help that reads as a user types it: no `<bool>` after a flag (it takes no value), and an
+    argument as CHECKPOINT in the usage line, not {checkpoint}."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain_metavar(param)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_metavar(option)
+        return option
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.+)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
+
+
+def _plain_metavar(param) -> None:
+    if getattr(param, "is_flag", False):
+        param.metavar = ""
+    elif param.param_type_name == "argument" and param.metavar is None:
+        param.metavar = param.name.upper()
+
+
+app.info.cls = _Group
 for _info in app.registered_commands:
     _info.help = _info.help or _reflow(_info.callback.__doc__)
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command

@@ -480,7 +480,10 @@ def describe() -> list[tuple[str, str, str]]:
                 walk(hints[f.name], prefix + f.name + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                doc += f" (one of: {', '.join(f.metadata['choices'])})"
+            rows.append((prefix + f.name, repr(default), doc))
 
     walk(Config, "")
     return rows

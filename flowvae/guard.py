@@ -51,11 +51,12 @@ class NonFiniteGuard:
         so the deferred strategy looks now."""
         if not self.deferred:
             self.seen = self.in_a_row
-            if ok:
+            if ok or self.in_a_row > 1:  # said once per run of bad steps, not once per step
                 return None
             return (
                 f"non-finite loss or gradient at step {step}, update skipped "
-                f"({self.in_a_row}/{self.max_bad} in a row)"
+                f"({self.in_a_row}/{self.max_bad} in a row); the run stops after "
+                f"{self.max_bad} in a row, and skipped steps in a row are not listed one by one"
             )
         if step % self.check_every and not last:
             return None

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowvae import checkpoint
-from flowvae.config import Config, from_dict, load_config, parse_override, read_yaml, to_dict
+from flowvae.config import load_config, parse_override
 from flowvae.errors import CheckpointError, ConfigError
+from flowvae.resume import CONTINUABLE, config_changes  # noqa: F401  (re-exported)
 from flowvae.runlock import hold_run_folder
 
 
@@ -67,44 +68,44 @@ def run_status(run_dir: Path, steps: int, complete: Callable[[dict], bool] = boo
 
 
 def read_eval(run_dir: Path) -> dict | None:
+    """A run folder's eval.json; None when there is none, or it is not a JSON object (a write
+    cut short by hand, e.g. `eval --json > eval.json`), so that it is evaluated afresh."""
     path = run_dir / "eval.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-#: What a sweep may change in a run it continues: the device it runs on, and its length when
-#: that only adds updates (see config_changes).
-CONTINUABLE = frozenset({"train.steps", "device"})
-
-
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_changes(run_dir: Path, cfg: Config) -> list[str]:
-    """'key: saved -> new' wherever the config a run folder was trained with differs from
-    ``cfg`` outside CONTINUABLE: a sweep that judged such a folder by its name alone would
-    report, or resume, a run of another config."""
-    path = run_dir / "config.yaml"
     if not path.exists():
-        return []
-    saved = _flat(to_dict(from_dict(read_yaml(path))))  # defaults filled, as for ``cfg``
-    new = _flat(to_dict(cfg))
-    keys = sorted((saved.keys() | new.keys()) - CONTINUABLE)
-    changes = [
-        f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in keys if saved.get(k) != new.get(k)
-    ]
-    before, after = saved["train.steps"], new["train.steps"]
-    # A run trained past the config's length is not a run of it, and a cosine decay is laid out
-    # over train.steps: a longer one is another schedule from the first update on.
-    if before != after and (after < before or new["train.lr_schedule"] == "cosine"):
-        changes.append(f"train.steps: {before!r} -> {after!r}")
-    return changes
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def merge_eval(previous: dict | None, result: dict, headline: bool = True) -> dict:
+    """``result`` recorded into an eval.json that held ``previous``.
+
+    A VAE estimate of the same split and weights (step) joins it: as the headline (keeping the
+    estimates at other S in ``by_samples``), or, with ``headline`` false, as ``by_samples[S]``.
+    Anything else (another split, other weights, a density run) replaces it."""
+    if (
+        previous is None
+        or result.get("iw_samples") is None
+        or previous.get("split", result.get("split")) != result.get("split")
+        or previous.get("step", result.get("step")) != result.get("step")
+    ):
+        return result
+    if headline:
+        return {**result, "by_samples": previous.get("by_samples", {})}
+    extra = {**previous.get("by_samples", {}), str(result["iw_samples"]): result}
+    return {**previous, "by_samples": extra}
+
+
+def record_eval(run_dir: Path, result: dict) -> Path:
+    """Merge one `flowvae eval` result into ``run_dir``/eval.json (atomically), as a sweep
+    does: it is the headline unless the file already heads another S of the same split."""
+    previous = read_eval(run_dir)
+    headline = previous is None or previous.get("iw_samples") in (None, result.get("iw_samples"))
+    save_eval(run_dir, merge_eval(previous, result, headline))
+    return run_dir / "eval.json"
 
 
 def plan(configs: list[str | Path], grid: list[str]) -> list[tuple[str | Path, GridPoint]]:
@@ -162,12 +163,10 @@ class EvalsWanted:
         if self.usable(previous):
             result = previous
         else:
-            result = evaluate(self.first)
-            if previous is not None and previous.get("split", self.split) == self.split:
-                result["by_samples"] = previous.get("by_samples", {})
+            result = merge_eval(previous, evaluate(self.first))
             save(result)
         for s in self.missing(result):
-            result.setdefault("by_samples", {})[str(s)] = evaluate(s)  # the same images
+            result = merge_eval(result, evaluate(s), headline=False)  # the same images
             save(result)
         return result
 

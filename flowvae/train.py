@@ -23,12 +23,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from flowvae import checkpoint, distributed, experiments, guard
+from flowvae import checkpoint, distributed, experiments, guard, memory
 from flowvae.config import Config, dump, from_dict, to_dict
 from flowvae.device import resolve_device
 from flowvae.distributed import SINGLE, Shard
 from flowvae.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from flowvae.experiments import Experiment, anneal_beta
+from flowvae.resume import check_resume
 from flowvae.run_folder import (
     MetricsLog,
     check_output_folder,
@@ -39,6 +40,7 @@ from flowvae.run_folder import (
     write_run_info,
 )
 from flowvae.runlock import hold_run_folder
+from flowvae.tidy import NewPaths, removed_on_failure
 
 
 @dataclass
@@ -196,7 +198,8 @@ def prepare_resume(
         )
         state = found.ckpt
     saved = from_dict(state["config"])
-    saved.train.steps = cfg.train.steps  # the run's own config wins, except for its length
+    # the run's own config wins, except for what check_resume lets a run change
+    saved.train.steps, saved.device = cfg.train.steps, cfg.device
     return saved, state
 
 
@@ -313,22 +316,51 @@ def train(
 ) -> RunResult:
     """Train ``cfg`` into ``out_dir``, holding the folder's write lock throughout (rank 0).
 
-    ``on_start(cfg, out_dir)`` runs once the run's own config is known (the saved one on resume)
-    and the resume/device checks have passed, so a caller's banner never precedes a one-line
-    usage error. A second process writing to the same folder is refused at once.
+    ``on_start(cfg, out_dir)`` runs once the run's config is known (the saved one on resume),
+    the resume/device checks have passed and its data and model are set up, so a caller's
+    banner never precedes a one-line usage error. A second process writing to the same folder is refused at once. On resume,
+    ``cfg`` must be the stored run's (flowvae.resume.check_resume). A run that fails before it
+    writes a checkpoint (bad data, no memory, NaN from the start) leaves nothing behind.
     """
     out_dir = Path(out_dir)
     # What can be checked without writing is checked before the lock creates the folder.
     resolve_device(cfg.device)
-    if resume and not (out_dir / "checkpoints" / "last.pt").exists():
-        raise ConfigError(
-            f"--resume: no checkpoint at {out_dir / 'checkpoints' / 'last.pt'} — start without "
-            "--resume"
-        )
-    lock = hold_run_folder(out_dir) if distributed.is_main_process() else nullcontext()
-    with lock:
+    last = out_dir / "checkpoints" / "last.pt"
+    if resume and not last.exists():
+        raise ConfigError(f"--resume: no checkpoint at {last} — start without --resume")
+    if resume:
+        check_resume(out_dir, cfg)
+    main = distributed.is_main_process()
+    lock = hold_run_folder(out_dir) if main else nullcontext()
+    new, before = NewPaths(out_dir), _stamp(last)
+    kept = lambda: not main or _stamp(last) != before  # noqa: E731  (a checkpoint was written)
+    with lock, removed_on_failure(new, kept):
         return _train(
             cfg, out_dir, resume, console or Console(stderr=True), progress, tensorboard, on_start
+        )
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def warn_short_warmup(cfg: Config, console: Console) -> None:
+    """Say at the start when the β warm-up outlasts the run: the model would never be fitted
+    to the full objective (an MNIST run at 300 steps ends at β = 0.07, every sample a blur)."""
+    t = cfg.train
+    end = anneal_beta(t.steps, t.anneal_steps)
+    if end < 1.0:
+        console.print(
+            f"[yellow]warning:[/] the β warm-up (train.anneal_steps = {t.anneal_steps:,}) is "
+            f"longer than the run (train.steps = {t.steps:,}): β ends at {end:.2f}, not 1, so "
+            "the run never fits the full objective — raise train.steps or lower "
+            "train.anneal_steps",
+            highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -339,10 +371,14 @@ def _train(cfg, out_dir, resume, console, progress, tensorboard, on_start) -> Ru
     shard, device = distributed.init(resolve_device(cfg.device), cfg.train.batch_size)
     main = shard.is_main  # only rank 0 writes files, logs and progress
     if main:
-        check_output_folder(out_dir, 0)  # writable at all? (before the banner and data loading)
+        check_output_folder(out_dir, 0)  # writable at all? (before the data loading)
+    with memory_errors(f"train.batch_size (now {cfg.train.batch_size:,})"):
+        tr = build_trainer(cfg, device, shard)
+        memory.check_batch_fits(tr.experiment, cfg.train.batch_size // shard.world, device)
+    if main:  # data and model are set up: what fails from here on is not a usage error
         if on_start is not None:
             on_start(cfg, out_dir)
-    tr = build_trainer(cfg, device, shard)
+        warn_short_warmup(cfg, console)
     step, best, elapsed = restore(tr, saved) if saved is not None else (0, math.inf, 0.0)
     if main:
         check_output_folder(out_dir, checkpoint_bytes(tr.model))
@@ -350,10 +386,12 @@ def _train(cfg, out_dir, resume, console, progress, tensorboard, on_start) -> Ru
             truncate_metrics(out_dir / "metrics.jsonl", step)
         checkpoint.write_text_atomic(out_dir / "config.yaml", dump(cfg))
     wrap_model(tr)
-    log = Logger(out_dir, console, main, tensorboard, step)
+    log = Logger(out_dir, console, main, tensorboard, step, tr.experiment)
     ckpts = Checkpoints(out_dir, main, elapsed)
+    what = f"train.batch_size (now {cfg.train.batch_size:,}) or the validation's eval keys"
     try:
-        step, best = loop(tr, step, best, log, ckpts, progress_bar(console, progress and main))
+        with memory_errors(what, ckpts.note):
+            step, best = loop(tr, step, best, log, ckpts, progress_bar(console, progress and main))
     except guard.TooManyBadSteps as exc:
         raise TrainingError(f"{exc}; {ckpts.note()}") from None
     finally:
@@ -364,6 +402,18 @@ def _train(cfg, out_dir, resume, console, progress, tensorboard, on_start) -> Ru
     if main:
         write_run_info(out_dir, device, step, ckpts.seconds())
     return RunResult(out_dir, step, best, log.last, ckpts.seconds() - elapsed)
+
+
+@contextmanager
+def memory_errors(what: str, note: Callable[[], str] | None = None):
+    """A failed allocation as one line naming ``what`` to lower (and, from ``note``, what was
+    kept)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not memory.is_out_of_memory(exc):
+            raise
+        raise memory.out_of_memory(exc, what + (f"; {note()}" if note else "")) from None
 
 
 def loop(
@@ -422,9 +472,12 @@ class Checkpoints:
         return score
 
     def note(self) -> str:
+        """Where a stopped run left what a user needs to look into it."""
         if self.last.exists():
-            return f"last good checkpoint: {self.last}"
-        return "no checkpoint was written yet"
+            metrics = self.last.parent.parent / "metrics.jsonl"
+            logged = f", metrics in {metrics}" if metrics.exists() else ""
+            return f"last good checkpoint: {self.last}{logged}"
+        return "no checkpoint was written yet, so nothing was kept"
 
 
 def snapshot(
@@ -448,16 +501,26 @@ class Logger:
     """What the loop reports: warnings, training metrics with steps/s, validation (rank 0)."""
 
     def __init__(
-        self, out_dir: Path, console: Console, main: bool, tensorboard: bool, step: int
+        self,
+        out_dir: Path,
+        console: Console,
+        main: bool,
+        tensorboard: bool,
+        step: int,
+        experiment: Experiment | None = None,
     ) -> None:
         self.console, self.main = console, main
+        # what the progress line shows, named, with units (the experiment says which metric)
+        self.shown = getattr(experiment, "progress", None)
+        self.score_label = getattr(experiment, "score_label", "validation score")
+        self.val_text = ""
         self.metrics = MetricsLog(out_dir, tensorboard=tensorboard) if main else None
         self.last: dict[str, float] = {}
         self.window_start, self.window_step = time.perf_counter(), step
 
     def warn(self, message: str | None) -> None:
         if message and self.main:
-            self.console.print(f"[yellow]warning:[/] {message}")
+            self.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
     def train(self, step: int, out: StepOutput, optimizer, bar: Progress, task) -> None:
         """Log the step's metrics (when its loss is finite) and show them on the bar."""
@@ -476,7 +539,9 @@ class Logger:
             **{k: float(v) for k, v in out.metrics.items()},
         }
         self.metrics.scalars(step, self.last, "train")
-        bar.update(task, info=f"loss {loss:.4g}  β {out.beta:.2f}  {rate:.0f} it/s")
+        key, label = self.shown or ("loss", "loss")
+        value = f"{label} {self.last[key]:.4g}" + (" nats" if self.shown else "")
+        bar.update(task, info=f"{value}{self.val_text}  β {out.beta:.2f}  {rate:.0f} it/s")
 
     def validation(self, step: int, tr: Trainer) -> float:
         """Validate on held-out noise, log it; returns the score (inf when not finite, and on
@@ -489,6 +554,7 @@ class Logger:
             images = tr.experiment.images()
         self.metrics.scalars(step, val, "valid")
         self.metrics.images(step, images)
+        self.val_text = f"  {self.score_label} {val['score']:.4g} nats"
         return val["score"] if math.isfinite(val["score"]) else math.inf
 
     def close(self) -> None:

@@ -208,12 +208,17 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
     changed = run_cli(*args, "--no-progress", cwd=tmp_path)
     assert changed.returncode == 2 and ": done" not in changed.stderr, changed.stderr
     assert changed.stderr.strip().splitlines() == [changed.stderr.strip()], changed.stderr
-    assert "nice-k2 was trained with another config (train.lr: 0.001 -> 0.002)" in changed.stderr
+    assert (
+        "nice-k2 was trained with another config (train.lr (stored 0.001, asked 0.002))"
+        in changed.stderr
+    )
     # So is one trained for more updates than the config asks for: its numbers are not the
     # config's (and a cosine decay is laid out over the run's length).
     base.write_text(base.read_text().replace("steps: 100,", "steps: 50,"))
     shorter = run_cli(*args, "--no-progress", cwd=tmp_path)
-    assert shorter.returncode == 2 and "(train.steps: 100 -> 50)" in shorter.stderr, shorter.stderr
+    assert shorter.returncode == 2 and "(train.steps (stored 100, asked 50))" in shorter.stderr, (
+        shorter.stderr
+    )
     base.write_text(base.read_text().replace("steps: 50,", "steps: 100,"))
     row.write_text(row.read_text().replace("train: {lr: 2.0e-3}\n", ""))
     # A sample size asked for later is added to the finished runs, nothing else recomputed.

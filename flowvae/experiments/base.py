@@ -49,7 +49,7 @@ class ReportOptions:
 
 @dataclass
 class SampleOptions:
-    n: int = 10000
+    n: int | None = None  # None: the experiment's default (its ``default_samples``)
     out_file: Path = Path("samples.png")
     seed: int = 0
     reconstruct: bool = False
@@ -64,6 +64,14 @@ class Experiment(Protocol):
     anneals: ClassVar[tuple[str, ...]]
     #: Config sections it never reads, left out of the config a run writes.
     unused: ClassVar[tuple[str, ...]]
+    #: The training metric the progress line shows (a key of ``loss``'s metrics, in nats) and
+    #: its name there, e.g. ("neg_elbo", "−ELBO").
+    progress: ClassVar[tuple[str, str]]
+    #: The name of ``validate``'s score (in nats), e.g. "val KL".
+    score_label: ClassVar[str]
+    #: The `flowvae eval` and `flowvae sample` options it reads (others are refused).
+    eval_options: ClassVar[frozenset[str]]
+    sample_options: ClassVar[frozenset[str]]
     model: nn.Module
 
     def __init__(self, cfg: Any, device: torch.device) -> None: ...

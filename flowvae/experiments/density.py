@@ -83,6 +83,11 @@ class DensityExperiment:
     single_thread = True
     anneals = ("joint",)  # an energy has no likelihood term to keep out of the annealing
     unused = ("data",)
+    progress = ("kl_estimate", "KL")
+    score_label = "val KL"
+    eval_options = frozenset({"--samples", "--seed", "--device", "--json"})
+    sample_options = frozenset({"--n", "--seed", "--device", "--out"})
+    default_samples = 10000
 
     def __init__(self, cfg, device: torch.device) -> None:
         self.cfg = cfg
@@ -133,7 +138,7 @@ class DensityExperiment:
         torch.manual_seed(options.seed)
         if options.out_file.suffix.lower() == ".npz":
             with torch.no_grad():
-                z, log_q = self.model.sample(options.n)
+                z, log_q = self.model.sample(options.n or self.default_samples)
             np.savez(
                 options.out_file, z=z.cpu().double().numpy(), log_q=log_q.cpu().double().numpy()
             )

@@ -265,6 +265,15 @@ class VAEExperiment:
     single_thread = False
     anneals = tuple(ANNEALED)
     unused = ("target",)
+    progress = ("neg_elbo", "−ELBO")
+    score_label = "val −ELBO"
+    eval_options = frozenset(
+        {"--iw-samples", "--split", "--limit", "--data-root", "--psis", "--max-rows"}
+        | {"--seed", "--device", "--json"}
+    )
+    sample_options = frozenset({"--n", "--reconstruct", "--data-root", "--seed", "--device"})
+    sample_options |= {"--out"}
+    default_samples = 64  # an 8 × 8 grid: thumbnails big enough to see
 
     def __init__(self, cfg, device: torch.device) -> None:
         from flowvae.data import DATASETS
@@ -385,7 +394,7 @@ class VAEExperiment:
     def sample(self, options: SampleOptions) -> None:
         from flowvae.plots import image_grid, save_png
 
-        model, n = self.model, options.n
+        model, n = self.model, options.n or self.default_samples
         torch.manual_seed(options.seed)
         with torch.inference_mode():
             if options.reconstruct:
