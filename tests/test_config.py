@@ -72,10 +72,11 @@ BAD_INPUTS = [
     ),
     case(
         "valid-size-negative",
-        NONE,
+        ENERGY,
         ["--set", "data.valid_size=-5"],
         ["data.valid_size", "-5", ">= 0"],
     ),
+    case("no-config", NONE, [], ["train needs a config", "--config", "flowvae configs"]),
     case("seed-negative", ENERGY, ["--set", "seed=-1"], ["seed", "-1", ">= 0"]),
     case(
         "device-gpu", ENERGY, ["--device", "gpu"], ["device", "'gpu'", "choices: auto, cpu, cuda"]

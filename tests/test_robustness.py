@@ -136,6 +136,8 @@ def test_sigint_and_sigterm_save_last_and_resume(tmp_path, spawn_cli):
         "--set",
         "flow.k=4",
         "--set",
+        "train.lr_schedule=constant",  # so that the last resume may make the run longer
+        "--set",
         "train.checkpoint_every=50",
         "--no-progress",
         "--out",
@@ -430,7 +432,7 @@ def test_persistent_nan_stops_after_max_bad_steps(tmp_path, max_bad):
     assert f"train.max_bad_steps = {max_bad}" in message and "train.lr" in message
     assert str(tmp_path / "checkpoints" / "last.pt") in message
     assert energy.calls == 30 + max_bad  # 30 good steps, then exactly max_bad_steps bad ones
-    assert buf.getvalue().count("non-finite") == max_bad
+    assert buf.getvalue().count("non-finite") == 1  # said once, not once per skipped step
     # with 15, step 40 is a skipped one: its checkpoint holds the last good weights
     saved = assert_no_nan(tmp_path / "checkpoints" / "last.pt")["step"]
     assert saved == (30 + max_bad) // 10 * 10

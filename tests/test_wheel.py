@@ -26,6 +26,17 @@ def run(*cmd, cwd: Path, timeout: float = 600) -> str:
     return proc.stdout
 
 
+def borrowed_site_folders() -> list[str]:
+    """This interpreter's site-packages folders (a venv's own, and those it inherits), not the
+    checkout: the installed wheel must be what the new environment imports."""
+    found = [
+        p
+        for p in sys.path
+        if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()
+    ]
+    return list(dict.fromkeys(found))
+
+
 @pytest.mark.slow
 def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     # Build from a copy of the sources, so the checkout gets no build/ or egg-info folders.
@@ -50,9 +61,16 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     wheel = next(dist.glob("flowvae-*.whl"))
 
     # A fresh environment that borrows torch & co. from this one (no downloads), with the wheel.
+    # Not `venv --system-site-packages`: inside a virtual environment that would borrow the base
+    # interpreter's packages, not this environment's. A .pth file lists this interpreter's own
+    # site folders instead, after the new environment's (so its flowvae wins).
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
+    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
     python, flowvae = venv / "bin" / "python", venv / "bin" / "flowvae"
+    site = run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=tmp_path)
+    Path(site.strip(), "_borrowed_from_outer_env.pth").write_text(
+        "".join(f"{p}\n" for p in borrowed_site_folders())
+    )
     run(python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", wheel, cwd=tmp_path)
 
     elsewhere = tmp_path / "elsewhere"
