@@ -168,7 +168,7 @@ def train(
     result = run_training(
         cfg, target, resume=resume, console=err, progress=not no_progress, on_start=banner
     )
-    score = EXPERIMENTS.get(cfg.experiment).score_label
+    score = getattr(EXPERIMENTS.get(cfg.experiment), "score_label", "validation score")
     err.print(
         f"done: {result.step} steps in {result.seconds:.1f} s; best {score} "
         f"{result.best_score:.4g} nats; checkpoints in {result.out_dir / 'checkpoints'}",

@@ -14,7 +14,8 @@ from flowvae import checkpoint
 from flowvae.config import load_config, parse_override
 from flowvae.errors import CheckpointError, ConfigError
 from flowvae.resume import CONTINUABLE, config_changes  # noqa: F401  (re-exported)
-from flowvae.runlock import hold_run_folder
+from flowvae.runlock import LOCK_NAME, hold_run_folder
+from flowvae.tidy import NewPaths, removed_on_failure
 
 
 @dataclass
@@ -197,7 +198,11 @@ def sweep(
                 f"sweep: {out_root / point.name} was trained with another config "
                 f"({'; '.join(changes[:2])}{more}) — move that folder away, or choose another --out"
             )
-    with hold_run_folder(out_root):  # one sweep per folder; each run is locked by train too
+    # A sweep whose first run fails before writing anything leaves no folder (nor its .lock).
+    new = NewPaths(out_root)
+    kept = lambda: any(p.name != LOCK_NAME for p in new.added())  # noqa: E731
+    # one sweep per folder; each run is locked by train too
+    with hold_run_folder(out_root), removed_on_failure(new, kept):
         for i, (point, cfg) in enumerate(zip(points, configs), 1):
             run_dir = out_root / point.name
             status = run_status(run_dir, cfg.train.steps, complete)

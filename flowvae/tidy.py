@@ -24,12 +24,16 @@ class NewPaths:
             self.first_new = p
         self.before = _listing(self.folder) if self.first_new is None else set()
 
+    def added(self) -> set[Path]:
+        """The paths under the folder that were not there when this was made."""
+        return _listing(self.folder) - self.before if self.folder.is_dir() else set()
+
     def remove(self) -> None:
         """Delete what was created since: files, then the folders that held only those."""
         if self.first_new is not None:
             shutil.rmtree(self.first_new, ignore_errors=True)
             return
-        added = sorted(_listing(self.folder) - self.before, key=lambda p: -len(p.parts))
+        added = sorted(self.added(), key=lambda p: -len(p.parts))
         for path in added:
             try:
                 if path.is_dir() and not path.is_symlink():

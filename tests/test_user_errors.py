@@ -402,3 +402,12 @@ def test_nothing_is_left_in_the_current_folder_by_a_refused_train(run_cli, tmp_p
     """A resumed run that is not there: one line, and no folder made for it."""
     refused(run_cli, tmp_path, ["train", "--out", "nothing-here", "--resume"], "no checkpoint")
     assert not os.path.exists(tmp_path / "nothing-here")
+
+
+def test_a_sweep_that_fails_at_once_leaves_no_folder(run_cli, tmp_path):
+    args = ["sweep", "--config", "mnist_quick", "--out", "grid", "--no-progress"]
+    proc = run_cli(*args, *sets(f"data.root={tmp_path}", "data.download=false"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []

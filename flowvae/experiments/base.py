@@ -72,6 +72,8 @@ class Experiment(Protocol):
     #: The `flowvae eval` and `flowvae sample` options it reads (others are refused).
     eval_options: ClassVar[frozenset[str]]
     sample_options: ClassVar[frozenset[str]]
+    #: How many samples `flowvae sample` draws without --n.
+    default_samples: ClassVar[int]
     model: nn.Module
 
     def __init__(self, cfg: Any, device: torch.device) -> None: ...
