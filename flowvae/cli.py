@@ -25,7 +25,6 @@ from flowvae import __version__
 from flowvae.errors import FlowvaeError, Interrupted
 
 app = typer.Typer(
-    cls=None,  # set to _Group below, once it is defined
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",

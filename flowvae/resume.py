@@ -40,14 +40,13 @@ def _flat(data: dict, prefix: str = "") -> dict:
 
 
 def stored_config(run_dir: Path) -> dict | None:
-    """The config a run folder was trained with (config.yaml, else last.pt's copy), or None."""
+    """The config a run folder was trained with (config.yaml, else the copy in its newest
+    intact checkpoint), or None."""
     path = run_dir / "config.yaml"
     if path.exists():
         return read_yaml(path)
-    last = run_dir / "checkpoints" / "last.pt"
-    if last.exists():
-        return checkpoint.load(last)["config"]
-    return None
+    found = checkpoint.newest_intact(run_dir / "checkpoints")
+    return None if found is None else found.ckpt["config"]
 
 
 def config_changes(run_dir: Path, cfg: Config) -> list[str]:

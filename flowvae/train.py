@@ -318,9 +318,10 @@ def train(
 
     ``on_start(cfg, out_dir)`` runs once the run's config is known (the saved one on resume),
     the resume/device checks have passed and its data and model are set up, so a caller's
-    banner never precedes a one-line usage error. A second process writing to the same folder is refused at once. On resume,
-    ``cfg`` must be the stored run's (flowvae.resume.check_resume). A run that fails before it
-    writes a checkpoint (bad data, no memory, NaN from the start) leaves nothing behind.
+    banner never precedes a one-line usage error. A second process writing to the same folder
+    is refused at once. On resume, ``cfg`` must be the stored run's (flowvae.resume.check_resume).
+    A run that fails before it writes a checkpoint (bad data, no memory, NaN from the start)
+    leaves nothing behind.
     """
     out_dir = Path(out_dir)
     # What can be checked without writing is checked before the lock creates the folder.
@@ -388,7 +389,7 @@ def _train(cfg, out_dir, resume, console, progress, tensorboard, on_start) -> Ru
     wrap_model(tr)
     log = Logger(out_dir, console, main, tensorboard, step, tr.experiment)
     ckpts = Checkpoints(out_dir, main, elapsed)
-    what = f"train.batch_size (now {cfg.train.batch_size:,}) or the validation's eval keys"
+    what = f"train.batch_size (now {cfg.train.batch_size:,}), eval.valid_samples or eval.batch_size"
     try:
         with memory_errors(what, ckpts.note):
             step, best = loop(tr, step, best, log, ckpts, progress_bar(console, progress and main))
