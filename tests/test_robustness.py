@@ -116,10 +116,6 @@ def one_error_line(stderr: str, *needles: str, alone: bool = True) -> str:
 # -- 1. SIGINT / SIGTERM through the real CLI -----------------------------------------------------
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flowvae", "train", "--config", str(CONFIG), *args]
-
-
 def _interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
     """Send ``signum``; the process's exit code and stderr, which must hold no traceback."""
     proc.send_signal(signum)
