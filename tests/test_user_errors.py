@@ -269,6 +269,23 @@ def test_sample_out_must_be_a_file_in_an_existing_folder(density_run, run_cli, t
     refused(run_cli, tmp_path, args, "is a folder" if where == "folder" else "does not exist")
 
 
+def _refuses_huge_allocations() -> bool:
+    """Whether the kernel refuses an allocation far beyond RAM + swap at once (overcommit mode
+    0 and under 64 GiB): elsewhere an 80 GB request may succeed, or wake the OOM killer."""
+    try:
+        mode = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return False
+    return mode == "0" and total < 64 * 2**30
+
+
+@pytest.mark.skipif(not _refuses_huge_allocations(), reason="huge allocations may not fail here")
+def test_a_sample_count_that_cannot_be_allocated(density_run, run_cli, tmp_path):
+    args = ["sample", density_run / "checkpoints" / "best.pt", "--n", "10000000000"]
+    refused(run_cli, tmp_path, [*args, "--out", "z.npz"], "out of memory", "GiB", "--n")
+
+
 # -- checkpoints ----------------------------------------------------------------------------------
 
 
