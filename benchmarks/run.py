@@ -51,8 +51,7 @@ import baseline as bl  # noqa: E402
 import torch  # noqa: E402
 
 from flowvae.config import load_config  # noqa: E402
-from flowvae.experiments import EvalOptions  # noqa: E402
-from flowvae.experiments.vae import MAX_ROWS, sharded_importance_nll  # noqa: E402
+from flowvae.importance import MAX_ROWS, sharded_importance_nll  # noqa: E402
 from flowvae.run_folder import cpu_model  # noqa: E402
 from flowvae.train import build_trainer, train_step, wrap_model  # noqa: E402
 
@@ -225,7 +224,7 @@ def flowvae_iw(model, test, samples: int):
     def step():
         lo = cursor[0]
         cursor[0] = (lo + per_chunk) % max(1, test.shape[0] - per_chunk + 1)
-        sharded_importance_nll(model, test[lo : lo + per_chunk], EvalOptions(), samples)
+        sharded_importance_nll(model, test[lo : lo + per_chunk], samples)
 
     return step, per_chunk
 
@@ -529,7 +528,7 @@ def bench_iw(args, device, sync) -> list[dict]:
 def bench_iw_full(args, device, sync) -> dict:
     """Wall time of flowvae.runs.evaluate on the whole test set (planar K=IW_K, S = the
     first --iw-samples value) with --eval-threads threads, as `flowvae eval` runs it."""
-    from flowvae.runs import LoadedRun, evaluate
+    from flowvae.runs import EvalOptions, LoadedRun, evaluate
 
     samples = args.iw_samples[0]
     threads = torch.get_num_threads()

@@ -213,7 +213,16 @@ def evaluate(
     shard, dev = distributed.init_eval(resolve_device(device))
     try:
         run = load_run(checkpoint, device=str(dev), data_root=data_root)
-        options = EvalOptions(samples, iw_samples, split, limit, seed, max_rows, psis, shard=shard)
+        options = EvalOptions(
+            samples=samples,
+            iw_samples=iw_samples,
+            split=split,
+            limit=limit,
+            seed=seed,
+            max_rows=max_rows,
+            psis=psis,
+            shard=shard,
+        )
         quiet = (as_json and not sys.stderr.isatty()) or not shard.is_main
         with Progress(console=err, transient=True, disable=quiet) as bar:
             task = bar.add_task("eval", total=None)
@@ -365,7 +374,11 @@ def sweep(
 
     def eval_fn(run_dir: Path, previous: dict | None, save):
         run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
-        return wanted.fill(previous, lambda s: evaluate(run, EvalOptions(samples, s, split)), save)
+        return wanted.fill(
+            previous,
+            lambda s: evaluate(run, EvalOptions(samples=samples, iw_samples=s, split=split)),
+            save,
+        )
 
     run_sweep(
         config,

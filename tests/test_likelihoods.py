@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowvae.data.pixels import BinaryPixels, ContinuousPixels
-from flowvae.experiments.vae import FlowVAE, free_energy, importance_nll
+from flowvae.experiments.vae import FlowVAE, free_energy
+from flowvae.importance import importance_nll
 from flowvae.likelihoods import (
     LIKELIHOODS,
     Bernoulli,

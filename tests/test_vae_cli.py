@@ -268,7 +268,7 @@ def test_sweep_names_runs_after_grid_points_or_config_files():
 
 def test_report_sets_only_test_numbers_beside_the_papers():
     from flowvae.data import DATASETS
-    from flowvae.experiments.vae import nll_table
+    from flowvae.tables import nll_table
 
     row = {"flow": "planar", "k": 10, "neg_elbo": 89.49, "nll": 86.30, "nll_stderr": 0.22}
     row |= {"iw_samples": 200, "info": {}}
@@ -279,7 +279,7 @@ def test_report_sets_only_test_numbers_beside_the_papers():
 
 
 def test_paired_table_compares_each_k_with_the_next_shorter_and_the_families_at_equal_k():
-    from flowvae.experiments.vae import paired_table
+    from flowvae.tables import paired_table
 
     gen = np.random.default_rng(0)
     hard = gen.gamma(2.0, 10.0, size=400) + 60  # image difficulty, shared by every run
