@@ -21,6 +21,7 @@ import pytest
 import scipy.io
 import torch
 from test_mnist import closed_port_url, no_proxy, serve  # noqa: F401  (no_proxy: a fixture)
+from test_mnist import one_line_error as one_line
 
 from flowvae.data import DATASETS, ImageData, cifar10, fashion_mnist, npz, omniglot
 from flowvae.data.download import file_digest
@@ -30,14 +31,6 @@ from flowvae.experiments.vae import VAEExperiment
 from flowvae.likelihoods import LIKELIHOODS
 
 EPS = 1e-3
-
-
-def one_line(excinfo: pytest.ExceptionInfo, *needles: str) -> str:
-    message = str(excinfo.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in {message!r}"
-    return message
 
 
 def levels(x: torch.Tensor) -> torch.Tensor:

@@ -114,16 +114,14 @@ def read_omniglot(fetch: Fetch) -> RawSplits:
 #: downloading ``chardata.mat`` if it is missing; see the module docstring for the split.
 load_omniglot = partial(load_dataset, read_omniglot)
 
-
-DATASETS.register("omniglot")(
-    DatasetEntry(
-        load=load_omniglot,
-        likelihood="bernoulli",
-        title="binarised Omniglot (28×28)",
-        source="Burda et al. 2016 (IWAE), " + MIRRORS[0] + FILE,
-        files=f"{FILE} (MD5 {MD5})",
-        split="24,345 train shuffled with RandomState(123), the last valid_size (default 1,345) "
-        "validate; 8,070 test",
-        preprocessing="28×28 grey levels in [0, 1]; Bernoulli, dynamic or static; valid/test once",
-    )
+ENTRY = DatasetEntry(
+    load=load_omniglot,
+    likelihood="bernoulli",
+    title="binarised Omniglot (28×28)",
+    source="Burda et al. 2016 (IWAE), " + MIRRORS[0] + FILE,
+    files=f"{FILE} (MD5 {MD5})",
+    split="24,345 train shuffled with RandomState(123), the last valid_size (default 1,345) "
+    "validate; 8,070 test",
+    preprocessing="28×28 grey levels in [0, 1]; Bernoulli, dynamic or static; valid/test once",
 )
+DATASETS.register("omniglot")(ENTRY)

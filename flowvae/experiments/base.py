@@ -15,19 +15,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from flowvae.catalog import EXPERIMENTS
+from flowvae.catalog import EXPERIMENTS  # noqa: F401  (where experiments register)
 from flowvae.distributed import SINGLE, Shard
-
-__all__ = [
-    "EXPERIMENTS",
-    "EvalOptions",
-    "Experiment",
-    "ReportOptions",
-    "SampleOptions",
-    "anneal_beta",
-    "gaussian_log_prob",
-    "trainable",
-]
 
 LOG_2PI = 1.8378770664093453
 

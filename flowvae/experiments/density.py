@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from flowvae import flows
+from flowvae.catalog import EXPERIMENTS
 from flowvae.errors import ConfigError
 from flowvae.experiments.base import (
-    EXPERIMENTS,
     EvalOptions,
     ReportOptions,
     SampleOptions,

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowvae import flows, psis
+from flowvae.catalog import EXPERIMENTS
 from flowvae.data import DATASETS
 from flowvae.errors import ConfigError, DataError
 from flowvae.experiments.base import (
-    EXPERIMENTS,
     EvalOptions,
     ReportOptions,
     SampleOptions,
