@@ -20,7 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from flowvae import __version__
-from flowvae.errors import FlowvaeError, Interrupted
+from flowvae.errors import ConfigError, FlowvaeError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -273,7 +273,6 @@ def sample(
     z (N×2) and log_q (N). VAE runs: the .png is a grid of decoded prior samples (with
     --reconstruct, test images beside their reconstructions), and the .npz holds the arrays.
     """
-    from flowvae.errors import ConfigError
     from flowvae.experiments import SampleOptions
     from flowvae.runs import load_run
 
@@ -351,7 +350,6 @@ def sweep(
     constant learning rate (a cosine decay is laid out over the run's length). Each run folder
     gets an eval.json for `flowvae report`.
     """
-    from flowvae.errors import ConfigError
     from flowvae.experiments import EvalOptions
     from flowvae.runs import evaluate, load_run
     from flowvae.sweep import EvalsWanted
@@ -416,7 +414,6 @@ def report(
     each K against the next shorter one and the flow families at equal K, with the standard
     error of the per-image differences (far smaller than the rows' own).
     """
-    from flowvae.errors import ConfigError
     from flowvae.report import report as make_report
 
     for p in runs:
@@ -444,7 +441,6 @@ def verify(
     eval.json and metrics.jsonl must parse; temporary files left by a killed writer are listed.
     Exits 1 when something is corrupt, 0 when all is intact. Reads only: nothing is changed.
     """
-    from flowvae.errors import ConfigError
     from flowvae.run_folder import verify as verify_folder
 
     if not path.exists():
@@ -548,7 +544,6 @@ def _first_comment(path: Path) -> str:
 
 
 def check_split(split: str) -> None:
-    from flowvae.errors import ConfigError
 
     if split not in ("test", "valid"):
         raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")

@@ -11,7 +11,7 @@ import torch
 from flowvae import checkpoint, experiments
 from flowvae.config import Config, from_dict
 from flowvae.device import resolve_device
-from flowvae.errors import CheckpointError
+from flowvae.errors import CheckpointError, ConfigError
 from flowvae.experiments import EvalOptions
 
 
@@ -27,7 +27,7 @@ def load_run(path: str | Path, device: str = "auto", data_root: str | None = Non
     ckpt = checkpoint.load(path)
     try:
         cfg = from_dict(ckpt["config"])
-    except Exception as exc:  # a config this version cannot read
+    except (ConfigError, KeyError, TypeError) as exc:  # a config this version cannot read
         raise CheckpointError(f"{path}: its stored config is not valid here ({exc})") from None
     if data_root is not None:
         cfg.data.root = data_root

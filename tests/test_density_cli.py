@@ -38,7 +38,7 @@ def test_u1_quadrature_is_converged():
 
 
 @pytest.fixture(scope="module")
-def energy_run(tmp_path_factory, repo_root, run_cli):
+def energy_run(tmp_path_factory, run_cli):
     """U1, planar K=4, trained long enough (1500 steps, β reaches 1 at step 500) for the
     importance-weight check to be stable. Returns the run folder."""
     work = tmp_path_factory.mktemp("energy")
@@ -46,7 +46,7 @@ def energy_run(tmp_path_factory, repo_root, run_cli):
     proc = run_cli(
         "train",
         "--config",
-        repo_root / "configs" / "energy.yaml",
+        "energy",
         "--set",
         f"train.steps={TRAIN_STEPS}",
         "--set",
@@ -223,13 +223,13 @@ def test_sampled_log_q_matches_inverse(energy_run, npz_samples):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_continues_exactly(tmp_path, repo_root, run_cli):
+def test_resume_continues_exactly(tmp_path, run_cli):
     # A constant learning rate: a cosine schedule is defined by train.steps, so a run first
     # planned for 100 steps and then extended to 200 would follow a different schedule.
     common = [
         "train",
         "--config",
-        repo_root / "configs" / "energy.yaml",
+        "energy",
         "--set",
         "flow.k=2",
         "--set",

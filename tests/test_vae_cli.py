@@ -14,7 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def vae_runs(tmp_path_factory, repo_root, mnist_dir, run_cli):
+def vae_runs(tmp_path_factory, mnist_dir, run_cli):
     """{'trained': run folder after 300 steps, 'untrained': the same model after 1 step}."""
     work = tmp_path_factory.mktemp("vae")
     runs = {}
@@ -23,7 +23,7 @@ def vae_runs(tmp_path_factory, repo_root, mnist_dir, run_cli):
         proc = run_cli(
             "train",
             "--config",
-            repo_root / "configs" / "mnist_quick.yaml",
+            "mnist_quick",
             "--set",
             f"data.root={mnist_dir}",
             "--set",
@@ -303,14 +303,14 @@ def test_paired_table_compares_each_k_with_the_next_shorter_and_the_families_at_
     assert paired_table([rows[0]]) is None
 
 
-def test_global_flow_layers_train_save_and_evaluate(tmp_path, repo_root, mnist_dir, run_cli):
+def test_global_flow_layers_train_save_and_evaluate(tmp_path, mnist_dir, run_cli):
     """flow.amortized: false — one NICE coupling net for all images, no flow head on the
     encoder — through train, the checkpoint and eval."""
     import torch
 
     out = tmp_path / "global"
     proc = run_cli(
-        "train", "--config", repo_root / "configs" / "mnist_quick.yaml",
+        "train", "--config", "mnist_quick",
         "--set", f"data.root={mnist_dir}", "--set", "data.valid_size=1000",
         "--set", "model.hidden=[100]", "--set", "flow.name=nice", "--set", "flow.k=2",
         "--set", "flow.amortized=false", "--set", "train.steps=40",
