@@ -309,32 +309,48 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def probe_fn(spec: dict, args, device: torch.device):
-    """The callable a memory probe runs: the same code the timing uses (baseline probes load
-    only the data, not flowvae's model)."""
-    item, impl = spec["item"], spec["impl"]
-    if item == "density":
-        if device.type == "cpu":
-            torch.set_num_threads(1)
-        if impl == "flowvae":
-            return flowvae_training(density_config(args, device), device)[1]
-        torch.manual_seed(args.seed)
-        return bl.make_baseline_density_step(DENSITY_K, DENSITY_BATCH, device=device)
-    k = spec["k"] if item == "vae" else IW_K
-    if impl == "flowvae":
-        experiment, step = flowvae_training(vae_config(k, args, device), device)
-        if item == "vae":
-            return step
-        return flowvae_iw(experiment.model.eval(), experiment.data.test, spec["samples"])[0]
+def _probe_density(spec: dict, args, device: torch.device):
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if spec["impl"] == "flowvae":
+        return flowvae_training(density_config(args, device), device)[1]
+    torch.manual_seed(args.seed)
+    return bl.make_baseline_density_step(DENSITY_K, DENSITY_BATCH, device=device)
+
+
+def _baseline_data(args, device: torch.device):
     from flowvae.data import load_mnist
 
     data = load_mnist(args.data_root, download=False, progress=False, device=device)
     torch.manual_seed(args.seed)
-    if item == "vae":
-        return bl.make_baseline_step(k, data.train)
-    per_chunk = min(max(1, iw_max_rows(device) // spec["samples"]), data.test.shape[0])
-    model = bl.BaselineVAE(k).to(device).eval()
-    return baseline_iw(model, data.test, spec["samples"], per_chunk)
+    return data
+
+
+def _probe_vae(spec: dict, args, device: torch.device):
+    if spec["impl"] == "flowvae":
+        return flowvae_training(vae_config(spec["k"], args, device), device)[1]
+    return bl.make_baseline_step(spec["k"], _baseline_data(args, device).train)
+
+
+def _probe_iw(spec: dict, args, device: torch.device):
+    samples = spec["samples"]
+    if spec["impl"] == "flowvae":
+        experiment, _ = flowvae_training(vae_config(IW_K, args, device), device)
+        return flowvae_iw(experiment.model.eval(), experiment.data.test, samples)[0]
+    test = _baseline_data(args, device).test
+    per_chunk = min(max(1, iw_max_rows(device) // samples), test.shape[0])
+    model = bl.BaselineVAE(IW_K).to(device).eval()
+    return baseline_iw(model, test, samples, per_chunk)
+
+
+#: benchmark item -> the callable its memory probe runs
+PROBES = {"density": _probe_density, "vae": _probe_vae, "iw": _probe_iw}
+
+
+def probe_fn(spec: dict, args, device: torch.device):
+    """The callable a memory probe runs: the same code the timing uses (baseline probes load
+    only the data, not flowvae's model)."""
+    return PROBES[spec["item"]](spec, args, device)
 
 
 def run_probe(args) -> None:

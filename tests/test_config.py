@@ -143,8 +143,8 @@ def _files(folder: Path) -> set[str]:
 
 
 @pytest.mark.parametrize(("config", "args", "fragments"), BAD_INPUTS)
-def test_bad_input_fails_cleanly(tmp_path, repo_root, cli_in_process, config, args, fragments):
-    check_bad_input(tmp_path, repo_root, cli_in_process, config, args, fragments)
+def test_bad_input_fails_cleanly(tmp_path, cli_in_process, config, args, fragments):
+    check_bad_input(tmp_path, cli_in_process, config, args, fragments)
 
 
 #: The same checks through `python -m flowvae` in a fresh process, for a few of the inputs.
@@ -154,10 +154,8 @@ AS_A_PROCESS = [
 
 
 @pytest.mark.parametrize(("config", "args", "fragments"), AS_A_PROCESS)
-def test_bad_input_fails_cleanly_as_a_process(
-    tmp_path, repo_root, run_cli, config, args, fragments
-):
-    check_bad_input(tmp_path, repo_root, run_cli, config, args, fragments)
+def test_bad_input_fails_cleanly_as_a_process(tmp_path, run_cli, config, args, fragments):
+    check_bad_input(tmp_path, run_cli, config, args, fragments)
 
 
 def check_bad_input(tmp_path, run_cli, config, args, fragments) -> None:

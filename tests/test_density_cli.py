@@ -143,7 +143,8 @@ def test_eval_json(eval_json):
     assert 0 < r["ess_fraction"] <= 1
 
 
-def test_eval_table(energy_run, run_cli):
+def test_eval_table(energy_run, cli_in_process):
+    run_cli = cli_in_process
     proc = run_cli(
         "eval", energy_run / "checkpoints" / "best.pt", "--samples", "2000", cwd=energy_run
     )
@@ -168,7 +169,8 @@ def test_report_table_cells(eval_json):
     assert f"| U1 | {eval_json['kl']:.4f} / {eval_json['kl'] / 3:.4f} |" in two
 
 
-def test_sample_png(energy_run, run_cli):
+def test_sample_png(energy_run, cli_in_process):
+    run_cli = cli_in_process
     from PIL import Image
 
     path = energy_run / "x.png"
@@ -223,7 +225,8 @@ def test_sampled_log_q_matches_inverse(energy_run, npz_samples):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_continues_exactly(tmp_path, run_cli):
+def test_resume_continues_exactly(tmp_path, cli_in_process):
+    run_cli = cli_in_process  # three runs without three start-ups
     # A constant learning rate: a cosine schedule is defined by train.steps, so a run first
     # planned for 100 steps and then extended to 200 would follow a different schedule.
     common = [
@@ -276,7 +279,8 @@ def test_resume_continues_exactly(tmp_path, run_cli):
 # ----------------------------------------------------------------------------- info commands
 
 
-def test_list_names_everything(run_cli, tmp_path):
+def test_list_names_everything(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     proc = run_cli("list", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for name in ("planar", "radial", "nice", "U1", "U2", "U3", "U4", "mnist", "density", "vae"):
@@ -294,7 +298,8 @@ def test_help_exits_zero(run_cli, tmp_path, args):
         assert "metrics.jsonl and TensorBoard logs" in proc.stdout
 
 
-def test_keys_lists_train_lr(run_cli, tmp_path):
+def test_keys_lists_train_lr(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     proc = run_cli("keys", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for key in ("train.lr", "flow.k", "model.hidden", "data.valid_size", "eval.iw_samples"):

@@ -70,7 +70,8 @@ def test_training_wrote_the_run(vae_runs):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_eval_trained_beats_untrained(vae_runs, run_cli):
+def test_eval_trained_beats_untrained(vae_runs, cli_in_process):
+    run_cli = cli_in_process
     trained = evaluate(run_cli, vae_runs["trained"])
     untrained = evaluate(run_cli, vae_runs["untrained"])
     for r in (trained, untrained):
@@ -98,7 +99,8 @@ def _png_size(path):
         return img.size
 
 
-def test_sample_outputs(vae_runs, run_cli):
+def test_sample_outputs(vae_runs, cli_in_process):
+    run_cli = cli_in_process
     run = vae_runs["trained"]
     best = run / "checkpoints" / "best.pt"
 
@@ -120,7 +122,8 @@ def test_sample_outputs(vae_runs, run_cli):
     assert np.isfinite(z).all() and ((probs >= 0) & (probs <= 1)).all()
 
 
-def test_eval_says_whether_the_importance_weights_can_be_trusted(vae_runs, run_cli):
+def test_eval_says_whether_the_importance_weights_can_be_trusted(vae_runs, cli_in_process):
+    run_cli = cli_in_process
     """Per-image Pareto k̂ and ESS summarised in the JSON, the PSIS estimate with --psis, and a
     warning on stderr exactly when many images have k̂ > 0.7."""
     run = vae_runs["trained"]
@@ -142,7 +145,8 @@ def test_eval_says_whether_the_importance_weights_can_be_trusted(vae_runs, run_c
     assert ("warning" in r) == warned
 
 
-def test_report_shows_the_weight_diagnostics(vae_runs, run_cli, tmp_path):
+def test_report_shows_the_weight_diagnostics(vae_runs, cli_in_process, tmp_path):
+    run_cli = cli_in_process
     run = vae_runs["trained"]
     proc = run_cli(
         "eval", run / "checkpoints" / "best.pt", "--json", "--iw-samples", "100", "--limit", "200",
@@ -160,13 +164,30 @@ def test_report_shows_the_weight_diagnostics(vae_runs, run_cli, tmp_path):
     assert (tmp_path / "k.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnist_dir, run_cli):
+def mnist_npz(path, mnist_dir, n_train: int, n_test: int):
+    """The first MNIST images as a user's .npz (uint8 28×28): the sweep's mechanics on real
+    digits, at a size whose evaluation at three S takes seconds, not a minute."""
+    from flowvae.data.idx import read_idx
+
+    train = read_idx(mnist_dir / "train-images-idx3-ubyte.gz")[:n_train].numpy()
+    test = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")[:n_test].numpy()
+    np.savez(path, train=train, test=test)
+    return path
+
+
+#: test images of the sweep below
+SWEEP_TEST = 400
+
+
+def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, mnist_dir, cli_in_process):
+    run_cli = cli_in_process  # the CLI in this process: nine runs without nine start-ups
     """Rows that extend one base config, swept by file, each evaluated at S = 5 and S = 50 on the
     same test images: the larger S gives the tighter (lower) bound, and the report shows both."""
+    data = mnist_npz(tmp_path / "digits.npz", mnist_dir, 2000, SWEEP_TEST)
     base = tmp_path / "base.yaml"
     base.write_text(
-        f"extends: {repo_root / 'configs' / 'mnist_quick.yaml'}\n"
-        f"data: {{root: {mnist_dir}, valid_size: 1000}}\n"
+        "extends: mnist_quick\n"
+        f"data: {{name: npz, root: {data}, valid_size: 200}}\n"
         "model: {hidden: [50]}\n"
         "train: {steps: 100, eval_every: 100, anneal: kl, anneal_steps: 50}\n"
     )
@@ -185,7 +206,9 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
         result = json.loads((run / "eval.json").read_text())
         assert (result["flow"], result["k"], result["iw_samples"]) == (name, 2, 5)
         more = result["by_samples"]["50"]
-        assert (more["iw_samples"], more["examples"]) == (50, result["examples"]) == (50, 10000)
+        assert (
+            (more["iw_samples"], more["examples"]) == (50, result["examples"]) == (50, SWEEP_TEST)
+        )
         assert more["nll"] < result["nll"] - 3 * result["nll_stderr"] / 10
         saved = (run / "config.yaml").read_text()
         assert "- 50" in saved and "anneal: kl" in saved  # the base's keys under the row's own
@@ -233,7 +256,7 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
     planar, nice = (json.loads((tmp_path / "sweep" / f"{n}-k2" / "eval.json").read_text())
                     for n in ("planar", "nice"))  # fmt: skip
     per_image = np.array(nice["nll_per_image"]) - np.array(planar["nll_per_image"])
-    assert per_image.shape == (10000,)
+    assert per_image.shape == (SWEEP_TEST,)
     assert per_image.mean() == pytest.approx(nice["nll"] - planar["nll"], abs=1e-3)
     paired = per_image.std(ddof=1) / math.sqrt(per_image.size)
     assert paired < 0.5 * math.hypot(nice["nll_stderr"], planar["nll_stderr"])
@@ -245,7 +268,7 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
                     cwd=tmp_path)  # fmt: skip
     assert valid.returncode == 0 and valid.stderr.count(": trained") == 2, valid.stderr
     result = json.loads((tmp_path / "sweep" / "nice-k2" / "eval.json").read_text())
-    assert (result["split"], result["examples"], result["iw_samples"]) == ("valid", 1000, 5)
+    assert (result["split"], result["examples"], result["iw_samples"]) == ("valid", 200, 5)
 
 
 def test_sweep_names_runs_after_grid_points_or_config_files():
@@ -303,7 +326,8 @@ def test_paired_table_compares_each_k_with_the_next_shorter_and_the_families_at_
     assert paired_table([rows[0]]) is None
 
 
-def test_global_flow_layers_train_save_and_evaluate(tmp_path, mnist_dir, run_cli):
+def test_global_flow_layers_train_save_and_evaluate(tmp_path, mnist_dir, cli_in_process):
+    run_cli = cli_in_process
     """flow.amortized: false — one NICE coupling net for all images, no flow head on the
     encoder — through train, the checkpoint and eval."""
     import torch
