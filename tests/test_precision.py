@@ -60,7 +60,8 @@ def test_unknown_precision_is_rejected():
         _model("fp8")
 
 
-def test_bf16_config_trains_through_the_cli(tmp_path, mnist_dir, run_cli):
+def test_bf16_config_trains_through_the_cli(tmp_path, mnist_dir, cli_in_process):
+    run_cli = cli_in_process
     out = tmp_path / "bf16"
     proc = run_cli(
         "train", "--config", "mnist_quick",
