@@ -15,37 +15,26 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def vae_runs(tmp_path_factory, mnist_dir, run_cli):
-    """{'trained': run folder after 300 steps, 'untrained': the same model after 1 step}."""
+    """{'trained': run folder after 300 steps, 'untrained': the same model after 1 step}. The
+    trained run is the real CLI in a process of its own on the real MNIST files; the untrained
+    one, only a reference, is trained in this process."""
+    from flowvae.config import load_config
+    from flowvae.train import train
+
     work = tmp_path_factory.mktemp("vae")
-    runs = {}
-    for name, steps in (("trained", TRAIN_STEPS), ("untrained", 1)):
-        out = work / name
-        proc = run_cli(
-            "train",
-            "--config",
-            "mnist_quick",
-            "--set",
-            f"data.root={mnist_dir}",
-            "--set",
-            f"train.steps={steps}",
-            "--set",
-            "model.hidden=[200]",
-            "--set",
-            "flow.k=4",
-            "--set",
-            "train.eval_every=150",
-            "--set",
-            "data.valid_size=1000",
-            "--no-progress",
-            "--out",
-            out,
-            cwd=work,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr
+    sets = [f"data.root={mnist_dir}", "model.hidden=[200]", "flow.k=4", "train.eval_every=150"]
+    sets += ["data.valid_size=1000"]
+    trained = work / "trained"
+    args = [a for s in [*sets, f"train.steps={TRAIN_STEPS}"] for a in ("--set", s)]
+    proc = run_cli("train", "--config", "mnist_quick", *args, "--no-progress", "--out", trained,
+                   cwd=work)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    untrained = work / "untrained"
+    train(load_config("mnist_quick", [*sets, "train.steps=1"]), untrained, progress=False)
+    for out in (trained, untrained):
         assert (out / "checkpoints" / "best.pt").is_file()
-        runs[name] = out
-    return runs
+    return {"trained": trained, "untrained": untrained}
 
 
 def evaluate(run_cli, run) -> dict:
