@@ -175,3 +175,11 @@ def test_every_block_quoting_a_kept_run_says_which(doc):
 
 def _quoted_pairs(body: str) -> list[str]:
     return [f"{a.lstrip('+−-')} ± {b}" for a, b in PLUS_MINUS.findall(body)]
+
+
+def test_a_misquoted_number_is_caught():
+    marker = {"folders": "docs/runs/table2", "also": "88.09"}
+    right = "K = 0 85.81 ± 0.22 (k̂ > 0.7 for 90 % of images), validation 88.09; 0.26 ± 0.02"
+    assert _problems(marker, right) == []
+    wrong = "K = 0 85.81 ± 0.23 (k̂ > 0.7 for 91 % of images), validation 88.10; 0.26 ± 0.09"
+    assert _problems(marker, wrong) == ["85.81 ± 0.23", "0.26 ± 0.09", "88.10", "91 %"]
