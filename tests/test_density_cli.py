@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import invoke_cli
 
 from flowvae.targets import TARGETS, log_z_quadrature
 
@@ -71,11 +72,10 @@ def energy_run(tmp_path_factory, run_cli):
 
 
 @pytest.fixture(scope="module")
-def eval_json(energy_run, run_cli):
-    proc = run_cli(
-        "eval", energy_run / "checkpoints" / "last.pt", "--json", "--samples", "20000",
-        cwd=energy_run,
-    )  # fmt: skip
+def eval_json(energy_run):
+    proc = invoke_cli(
+        "eval", energy_run / "checkpoints" / "last.pt", "--json", "--samples", "20000"
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout
@@ -85,12 +85,12 @@ def eval_json(energy_run, run_cli):
 
 
 @pytest.fixture(scope="module")
-def npz_samples(energy_run, run_cli):
+def npz_samples(energy_run):
     """50,000 samples (seed 1: independent of the eval's seed-0 samples) as (z, log_q)."""
     path = energy_run / "x.npz"
-    proc = run_cli(
+    proc = invoke_cli(
         "sample", energy_run / "checkpoints" / "last.pt", "--out", path, "--n", "50000",
-        "--seed", "1", cwd=energy_run,
+        "--seed", "1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     with np.load(path) as data:
