@@ -57,7 +57,8 @@ class DataConfig:
     valid_size: int | None = opt(
         None,
         ge=0,
-        doc="training images held out for model selection (null: the dataset's own split)",
+        doc="training images held out for model selection (null: the dataset's own split; 0: "
+        "none, and best.pt is the last checkpoint)",
     )
     eps: float = opt(
         1e-3,
