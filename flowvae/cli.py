@@ -544,7 +544,6 @@ def _first_comment(path: Path) -> str:
 
 
 def check_split(split: str) -> None:
-
     if split not in ("test", "valid"):
         raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")
 

@@ -371,9 +371,9 @@ def loop(
                 ckpts.save(tr, ckpts.last, step, best)
             if out.stop:
                 raise Interrupted(caught[0] if caught else signal.SIGTERM, step, ckpts.last)
-    if not ckpts.best.exists():  # no finite validation: keep the final weights
-        if log.unscored:
-            log.warn("no validation split (data.valid_size: 0): best.pt is the last checkpoint")
+    if log.unscored:  # nothing held out: the final weights, on a resumed run too
+        log.warn("no validation split (data.valid_size: 0): best.pt is the last checkpoint")
+    if log.unscored or not ckpts.best.exists():  # or no finite validation: the final weights
         ckpts.save(tr, ckpts.best, step, best)
     return step, best
 

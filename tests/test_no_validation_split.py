@@ -36,19 +36,10 @@ def test_without_a_validation_split_the_test_split_is_never_evaluated(
         return experiment
 
     monkeypatch.setattr(experiments, "build", build_without_test)
-    cfg = load_config(
-        "mnist_quick",
-        [
-            f"data.root={mnist_dir}",
-            "data.valid_size=0",
-            "flow.k=2",
-            "model.hidden=[16]",
-            "train.steps=4",
-            "train.eval_every=2",
-            "train.checkpoint_every=2",
-            "train.log_every=2",
-        ],
-    )
+    sets = [f"data.root={mnist_dir}", "data.valid_size=0", "flow.k=2", "model.hidden=[16]"]
+    sets += ["train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2"]
+    sets += ["train.lr_schedule=constant"]
+    cfg = load_config("mnist_quick", [*sets, "train.steps=4"])
     console = Console(file=io.StringIO(), width=200)
     out = tmp_path / "run"
     result = train(cfg, out, console=console, progress=False, tensorboard=False)
@@ -63,3 +54,8 @@ def test_without_a_validation_split_the_test_split_is_never_evaluated(
         assert torch.equal(best["model"][name], weights), name
     splits = {json.loads(line)["split"] for line in (out / "metrics.jsonl").open()}
     assert splits == {"train"}  # no validation row, and none scored on test images
+    # resumed for two more updates, best.pt follows the last weights again
+    longer = load_config("mnist_quick", [*sets, "train.steps=6"])
+    assert train(longer, out, resume=True, console=console, progress=False).step == 6
+    best = checkpoint.load(out / "checkpoints" / "best.pt")
+    assert best["step"] == checkpoint.load(out / "checkpoints" / "last.pt")["step"] == 6
