@@ -51,8 +51,7 @@ import baseline as bl  # noqa: E402
 import torch  # noqa: E402
 
 from flowvae.config import load_config  # noqa: E402
-from flowvae.experiments import EvalOptions  # noqa: E402
-from flowvae.experiments.vae import MAX_ROWS, sharded_importance_nll  # noqa: E402
+from flowvae.importance import MAX_ROWS, sharded_importance_nll  # noqa: E402
 from flowvae.run_folder import cpu_model  # noqa: E402
 from flowvae.train import build_trainer, train_step, wrap_model  # noqa: E402
 
@@ -225,7 +224,7 @@ def flowvae_iw(model, test, samples: int):
     def step():
         lo = cursor[0]
         cursor[0] = (lo + per_chunk) % max(1, test.shape[0] - per_chunk + 1)
-        sharded_importance_nll(model, test[lo : lo + per_chunk], EvalOptions(), samples)
+        sharded_importance_nll(model, test[lo : lo + per_chunk], samples)
 
     return step, per_chunk
 
@@ -310,32 +309,48 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def probe_fn(spec: dict, args, device: torch.device):
-    """The callable a memory probe runs: the same code the timing uses (baseline probes load
-    only the data, not flowvae's model)."""
-    item, impl = spec["item"], spec["impl"]
-    if item == "density":
-        if device.type == "cpu":
-            torch.set_num_threads(1)
-        if impl == "flowvae":
-            return flowvae_training(density_config(args, device), device)[1]
-        torch.manual_seed(args.seed)
-        return bl.make_baseline_density_step(DENSITY_K, DENSITY_BATCH, device=device)
-    k = spec["k"] if item == "vae" else IW_K
-    if impl == "flowvae":
-        experiment, step = flowvae_training(vae_config(k, args, device), device)
-        if item == "vae":
-            return step
-        return flowvae_iw(experiment.model.eval(), experiment.data.test, spec["samples"])[0]
+def _probe_density(spec: dict, args, device: torch.device):
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if spec["impl"] == "flowvae":
+        return flowvae_training(density_config(args, device), device)[1]
+    torch.manual_seed(args.seed)
+    return bl.make_baseline_density_step(DENSITY_K, DENSITY_BATCH, device=device)
+
+
+def _baseline_data(args, device: torch.device):
     from flowvae.data import load_mnist
 
     data = load_mnist(args.data_root, download=False, progress=False, device=device)
     torch.manual_seed(args.seed)
-    if item == "vae":
-        return bl.make_baseline_step(k, data.train)
-    per_chunk = min(max(1, iw_max_rows(device) // spec["samples"]), data.test.shape[0])
-    model = bl.BaselineVAE(k).to(device).eval()
-    return baseline_iw(model, data.test, spec["samples"], per_chunk)
+    return data
+
+
+def _probe_vae(spec: dict, args, device: torch.device):
+    if spec["impl"] == "flowvae":
+        return flowvae_training(vae_config(spec["k"], args, device), device)[1]
+    return bl.make_baseline_step(spec["k"], _baseline_data(args, device).train)
+
+
+def _probe_iw(spec: dict, args, device: torch.device):
+    samples = spec["samples"]
+    if spec["impl"] == "flowvae":
+        experiment, _ = flowvae_training(vae_config(IW_K, args, device), device)
+        return flowvae_iw(experiment.model.eval(), experiment.data.test, samples)[0]
+    test = _baseline_data(args, device).test
+    per_chunk = min(max(1, iw_max_rows(device) // samples), test.shape[0])
+    model = bl.BaselineVAE(IW_K).to(device).eval()
+    return baseline_iw(model, test, samples, per_chunk)
+
+
+#: benchmark item -> the callable its memory probe runs
+PROBES = {"density": _probe_density, "vae": _probe_vae, "iw": _probe_iw}
+
+
+def probe_fn(spec: dict, args, device: torch.device):
+    """The callable a memory probe runs: the same code the timing uses (baseline probes load
+    only the data, not flowvae's model)."""
+    return PROBES[spec["item"]](spec, args, device)
 
 
 def run_probe(args) -> None:
@@ -397,20 +412,17 @@ def measure_memory(spec: dict, args) -> dict | None:
 # -- machine ------------------------------------------------------------------------------------
 
 
+def _git(*args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
+    )
+    return done.stdout.strip()
+
+
 def git_revision() -> str:
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        rev = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
         return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -529,7 +541,7 @@ def bench_iw(args, device, sync) -> list[dict]:
 def bench_iw_full(args, device, sync) -> dict:
     """Wall time of flowvae.runs.evaluate on the whole test set (planar K=IW_K, S = the
     first --iw-samples value) with --eval-threads threads, as `flowvae eval` runs it."""
-    from flowvae.runs import LoadedRun, evaluate
+    from flowvae.runs import EvalOptions, LoadedRun, evaluate
 
     samples = args.iw_samples[0]
     threads = torch.get_num_threads()
@@ -629,10 +641,31 @@ def mib(mem: list[dict], impl: str, **key) -> str:
 
 
 def markdown(results: dict) -> str:
-    a = results["args"]
+    """The report: one section per benchmark item, then the raw results."""
     mem = results["memory"]
-    mem_method = next((m["result"]["method"] for m in mem if m["result"]), "not measured")
-    lines = [
+    lines = _machine_section(results)
+    lines += _vae_section(results["vae"], mem)
+    lines += _iw_section(results["iw"], results.get("iw_full"), mem)
+    lines += _density_section(results["density"], mem)
+    if results["notes"]:
+        lines += ["## Notes", "", *(f"- {n}" for n in results["notes"]), ""]
+    lines += [
+        "<details><summary>raw results (JSON)</summary>",
+        "",
+        "```json",
+        json.dumps(results, indent=1),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _machine_section(results: dict) -> list[str]:
+    a = results["args"]
+    mem_method = next((m["result"]["method"] for m in results["memory"] if m["result"]), None)
+    return [
         "# flowvae benchmark results",
         "",
         f"`{results['command']}` on {results['date']}"
@@ -648,82 +681,101 @@ def markdown(results: dict) -> str:
         "Rates are medians over the timed blocks, with the slowest and fastest block in brackets.",
         "Ratio = flowvae rate / baseline rate (> 1: flowvae is faster). Memory: peak growth in",
         "MiB over a few steps after one untimed step, in a fresh process",
-        f"({mem_method}; see docs/benchmarks.md).",
-        "",
-        "## 1. VAE training step (MNIST, maxout 784-400-400 / 40-400-400-784, batch 100, Adam)",
+        f"({mem_method or 'not measured'}; see docs/benchmarks.md).",
         "",
     ]
-    vae = results["vae"]
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, every column right-aligned."""
+    return [
+        "| " + " | ".join(head) + " |",
+        "|" + "---:|" * len(head),
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+    ]
+
+
+def _vae_section(vae: list[dict], mem: list[dict]) -> list[str]:
     ref = next((row for row in vae if row["k"] == 0), vae[0] if vae else None)
     ref_name = f"K={ref['k']}" if ref else ""
-    lines += [
-        f"| K | params | flowvae steps/s | baseline steps/s | ratio | flowvae t(K)/t({ref_name}) "
-        f"| baseline t(K)/t({ref_name}) | flowvae MiB | baseline MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    head = ["K", "params", "flowvae steps/s", "baseline steps/s", "ratio"]
+    head += [f"flowvae t(K)/t({ref_name})", f"baseline t(K)/t({ref_name})"]
+    head += ["flowvae MiB", "baseline MiB"]
+    rows = [
+        [
+            str(row["k"]),
+            f"{row['params']:,}",
+            rate(row["flowvae"]),
+            rate(row["baseline"]),
+            f"{row['baseline']['median_s'] / row['flowvae']['median_s']:.2f}",
+            f"{row['flowvae']['median_s'] / ref['flowvae']['median_s']:.2f}",
+            f"{row['baseline']['median_s'] / ref['baseline']['median_s']:.2f}",
+            mib(mem, "flowvae", item="vae", k=row["k"]),
+            mib(mem, "baseline", item="vae", k=row["k"]),
+        ]
+        for row in vae
     ]
-    for row in vae:
-        f, b = row["flowvae"], row["baseline"]
-        lines.append(
-            f"| {row['k']} | {row['params']:,} | {rate(f)} | {rate(b)} "
-            f"| {b['median_s'] / f['median_s']:.2f} "
-            f"| {f['median_s'] / ref['flowvae']['median_s']:.2f} "
-            f"| {b['median_s'] / ref['baseline']['median_s']:.2f} "
-            f"| {mib(mem, 'flowvae', item='vae', k=row['k'])} "
-            f"| {mib(mem, 'baseline', item='vae', k=row['k'])} |"
-        )
+    lines = [
+        "## 1. VAE training step (MNIST, maxout 784-400-400 / 40-400-400-784, batch 100, Adam)",
+        "",
+        *_table(head, rows),
+    ]
+    return lines + _head_only_table(vae, ref, ref_name) + _compiled_table(vae)
+
+
+def _head_only_table(vae: list[dict], ref: dict | None, ref_name: str) -> list[str]:
     heads = [row for row in vae if "head_only" in row]
-    if heads:
-        lines += [
-            "",
-            "The floor under any flow code: flowvae with the flow layers skipped but the encoder's "
-            "flow-parameter head (Linear 400 → K·81) computed and backpropagated, same blocks:",
-            "",
-            f"| K | head only steps/s | head only t(K)/t({ref_name}) | flowvae t(K)/t({ref_name}) "
-            "| flow layers' share of the step |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for row in heads:
-            h, f = row["head_only"], row["flowvae"]
-            t0 = ref["flowvae"]["median_s"]
-            lines.append(
-                f"| {row['k']} | {rate(h)} | {h['median_s'] / t0:.2f} | {f['median_s'] / t0:.2f} "
-                f"| {(f['median_s'] - h['median_s']) / f['median_s']:.1%} |"
-            )
-    compiled = [row for row in vae if "compiled" in row]
-    if compiled:
-        lines += [
-            "",
-            "With `train.compile: true` (torch.compile of the model's forward), timed in the "
-            "same interleaved blocks:",
-            "",
-            "| K | eager steps/s | compiled steps/s | compiled / eager "
-            f"| compiled t(K)/t({compiled[0]['k']}) | first step (compile) s |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-        for row in compiled:
-            f, c = row["flowvae"], row["compiled"]
-            lines.append(
-                f"| {row['k']} | {rate(f)} | {rate(c)} | {f['median_s'] / c['median_s']:.2f} "
-                f"| {c['median_s'] / compiled[0]['compiled']['median_s']:.2f} "
-                f"| {row['compile_seconds']:.1f} |"
-            )
-    lines += [
-        "",
-        f"## 2. Importance-sampled -log p(x), planar K={IW_K} (test images per second)",
-        "",
-        "| S | images per call | flowvae images/s | baseline images/s | ratio "
-        "| flowvae MiB | baseline MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in results["iw"]:
-        f, b, n = row["flowvae"], row["baseline"], row["images_per_call"]
-        lines.append(
-            f"| {row['samples']} | {n} | {rate(f, n)} | {rate(b, n)} "
-            f"| {b['median_s'] / f['median_s']:.2f} "
-            f"| {mib(mem, 'flowvae', item='iw', samples=row['samples'])} "
-            f"| {mib(mem, 'baseline', item='iw', samples=row['samples'])} |"
+    if not heads:
+        return []
+    t0 = ref["flowvae"]["median_s"]
+    head = ["K", "head only steps/s", f"head only t(K)/t({ref_name})"]
+    head += [f"flowvae t(K)/t({ref_name})", "flow layers' share of the step"]
+    rows = []
+    for row in heads:
+        h, f = row["head_only"]["median_s"], row["flowvae"]["median_s"]
+        rows.append(
+            [str(row["k"]), rate(row["head_only"]), f"{h / t0:.2f}", f"{f / t0:.2f}"]
+            + [f"{(f - h) / f:.1%}"]
         )
-    full = results.get("iw_full")
+    intro = (
+        "The floor under any flow code: flowvae with the flow layers skipped but the encoder's "
+        "flow-parameter head (Linear 400 → K·81) computed and backpropagated, same blocks:"
+    )
+    return ["", intro, "", *_table(head, rows)]
+
+
+def _compiled_table(vae: list[dict]) -> list[str]:
+    compiled = [row for row in vae if "compiled" in row]
+    if not compiled:
+        return []
+    first = compiled[0]["compiled"]["median_s"]
+    head = ["K", "eager steps/s", "compiled steps/s", "compiled / eager"]
+    head += [f"compiled t(K)/t({compiled[0]['k']})", "first step (compile) s"]
+    rows = [
+        [str(row["k"]), rate(row["flowvae"]), rate(row["compiled"])]
+        + [f"{row['flowvae']['median_s'] / row['compiled']['median_s']:.2f}"]
+        + [f"{row['compiled']['median_s'] / first:.2f}", f"{row['compile_seconds']:.1f}"]
+        for row in compiled
+    ]
+    intro = (
+        "With `train.compile: true` (torch.compile of the model's forward), timed in the "
+        "same interleaved blocks:"
+    )
+    return ["", intro, "", *_table(head, rows)]
+
+
+def _iw_section(iw: list[dict], full: dict | None, mem: list[dict]) -> list[str]:
+    head = ["S", "images per call", "flowvae images/s", "baseline images/s", "ratio"]
+    head += ["flowvae MiB", "baseline MiB"]
+    rows = [
+        [str(row["samples"]), str(row["images_per_call"])]
+        + [rate(row[impl], row["images_per_call"]) for impl in ("flowvae", "baseline")]
+        + [f"{row['baseline']['median_s'] / row['flowvae']['median_s']:.2f}"]
+        + [mib(mem, impl, item="iw", samples=row["samples"]) for impl in ("flowvae", "baseline")]
+        for row in iw
+    ]
+    title = f"## 2. Importance-sampled -log p(x), planar K={IW_K} (test images per second)"
+    lines = ["", title, "", *_table(head, rows)]
     if full:
         lines += [
             "",
@@ -732,8 +784,11 @@ def markdown(results: dict) -> str:
             f"**{full['seconds']:.1f} s** on {full['threads']} thread(s) "
             f"({full['images'] / full['seconds']:.0f} images/s).",
         ]
-    d = results["density"]
-    lines += [
+    return lines
+
+
+def _density_section(d: dict, mem: list[dict]) -> list[str]:
+    return [
         "",
         f"## 3. Density matching step (U1, planar K={d['k']}, {d['batch']} samples, "
         f"{d['threads']} thread(s))",
@@ -745,19 +800,6 @@ def markdown(results: dict) -> str:
         f"| {mib(mem, 'flowvae', item='density')} | {mib(mem, 'baseline', item='density')} |",
         "",
     ]
-    if results["notes"]:
-        lines += ["## Notes", "", *(f"- {n}" for n in results["notes"]), ""]
-    lines += [
-        "<details><summary>raw results (JSON)</summary>",
-        "",
-        "```json",
-        json.dumps(results, indent=1),
-        "```",
-        "",
-        "</details>",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,7 +22,7 @@ from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from flowvae import __version__
-from flowvae.errors import FlowvaeError, Interrupted
+from flowvae.errors import ConfigError, FlowvaeError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -261,7 +261,16 @@ def evaluate(
             data_root=data_root,
             check=lambda kind: check_applies(given, kind, "eval"),
         )
-        options = EvalOptions(samples, iw_samples, split, limit, seed, max_rows, psis, shard=shard)
+        options = EvalOptions(
+            samples=samples,
+            iw_samples=iw_samples,
+            split=split,
+            limit=limit,
+            seed=seed,
+            max_rows=max_rows,
+            psis=psis,
+            shard=shard,
+        )
         quiet = (as_json and not sys.stderr.isatty()) or not shard.is_main
         with Progress(console=err, transient=True, disable=quiet) as bar:
             task = bar.add_task("eval", total=None)
@@ -321,7 +330,6 @@ def sample(
     z (N×2) and log_q (N). VAE runs: the .png is a grid of decoded prior samples (with
     --reconstruct, test images beside their reconstructions), and the .npz holds the arrays.
     """
-    from flowvae.errors import ConfigError
     from flowvae.experiments import SampleOptions
     from flowvae.outputs import check_output_file, writing
     from flowvae.runs import load_run
@@ -402,7 +410,6 @@ def sweep(
     constant learning rate (a cosine decay is laid out over the run's length). Each run folder
     gets an eval.json for `flowvae report`.
     """
-    from flowvae.errors import ConfigError
     from flowvae.experiments import EvalOptions
     from flowvae.runs import evaluate, load_run
     from flowvae.sweep import EvalsWanted
@@ -425,7 +432,11 @@ def sweep(
 
     def eval_fn(run_dir: Path, previous: dict | None, save):
         run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
-        return wanted.fill(previous, lambda s: evaluate(run, EvalOptions(samples, s, split)), save)
+        return wanted.fill(
+            previous,
+            lambda s: evaluate(run, EvalOptions(samples=samples, iw_samples=s, split=split)),
+            save,
+        )
 
     run_sweep(
         config,
@@ -462,7 +473,6 @@ def report(
     each K against the next shorter one and the flow families at equal K, with the standard
     error of the per-image differences (far smaller than the rows' own).
     """
-    from flowvae.errors import ConfigError
     from flowvae.outputs import check_output_file, writing
     from flowvae.report import report as make_report
 
@@ -500,7 +510,6 @@ def verify(
     eval.json and metrics.jsonl must parse; temporary files left by a killed writer are listed.
     Exits 1 when something is corrupt, 0 when all is intact. Reads only: nothing is changed.
     """
-    from flowvae.errors import ConfigError
     from flowvae.run_folder import verify as verify_folder
 
     if not path.exists():
@@ -628,8 +637,6 @@ def check_applies(given: dict[str, bool], kind: str, command: str) -> None:
 
 
 def check_split(split: str) -> None:
-    from flowvae.errors import ConfigError
-
     if split not in ("test", "valid"):
         raise ConfigError(f"--split {split!r} is not allowed (choices: test, valid)")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from flowvae.catalog import DEFAULT_EXPERIMENT, EXPERIMENTS
 from flowvae.errors import ConfigError
-from flowvae.experiments import DEFAULT_EXPERIMENT
 from flowvae.registry import unknown_name
 
 
@@ -57,7 +57,8 @@ class DataConfig:
     valid_size: int | None = opt(
         None,
         ge=0,
-        doc="training images held out for model selection (null: the dataset's own split)",
+        doc="training images held out for model selection (null: the dataset's own split; 0: "
+        "none, and best.pt is the last checkpoint)",
     )
     eps: float = opt(
         1e-3,
@@ -117,7 +118,7 @@ class TrainConfig:
         doc="multiplies lr for the encoder's flow head (amortised flows): a deep stack's map "
         "moves K times as far per update as one layer's",
     )
-    optimizer: str = opt("adam", choices=("adam", "adamax", "rmsprop"), doc="optimiser")
+    optimizer: str = opt("adam", choices=("adam", "rmsprop"), doc="optimiser")
     momentum: float = opt(0.9, ge=0, doc="RMSprop momentum")
     lr_schedule: str = opt("constant", choices=("constant", "cosine"), doc="learning-rate schedule")
     anneal_steps: int = opt(0, ge=0, doc="β_t = min(1, 0.01 + t/anneal_steps); 0 = no annealing")
@@ -370,7 +371,6 @@ def _check_names(cfg: Config) -> None:
     """Names that refer to registries, checked here so a typo fails before anything runs."""
     from flowvae import flows
     from flowvae.data import DATASETS
-    from flowvae.experiments import EXPERIMENTS
     from flowvae.likelihoods import LIKELIHOODS
     from flowvae.targets import TARGETS
 
@@ -384,7 +384,8 @@ def _check_names(cfg: Config) -> None:
         if name is not None and name not in registry:
             subject = f"config key {key} = {name!r} is unknown"
             raise ConfigError(unknown_name(subject, name, registry.names()))
-    anneals = EXPERIMENTS.get(cfg.experiment).anneals
+    experiment = EXPERIMENTS.get(cfg.experiment)
+    anneals = experiment.anneals
     if cfg.train.anneal not in anneals:
         raise ConfigError(
             f"config key train.anneal = {cfg.train.anneal!r} does not apply to the "
@@ -395,12 +396,7 @@ def _check_names(cfg: Config) -> None:
         if key not in allowed:
             subject = f"config key flow.options.{key} is not an option of flow '{cfg.flow.name}'"
             raise ConfigError(unknown_name(subject, key, allowed, "options"))
-    amortised_head = cfg.experiment == "vae" and cfg.flow.amortized and cfg.flow.k > 0
-    if cfg.train.flow_lr_scale != 1.0 and not amortised_head:
-        raise ConfigError(
-            "config key train.flow_lr_scale scales the encoder's flow head, which only a VAE "
-            "with an amortised flow (flow.amortized: true, flow.k > 0) has — remove the key"
-        )
+    experiment.check_config(cfg)
 
 
 def from_dict(data: dict) -> Config:
@@ -455,14 +451,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def to_dict(cfg: Config) -> dict:
-    """The config as plain data, less the sections its experiment never reads (a VAE run's
+    """The config as plain data, with only the sections its experiment reads (a VAE run's
     config naming a 2-D energy would only mislead)."""
-    from flowvae.experiments import EXPERIMENTS
-
-    data = dataclasses.asdict(cfg)
-    for section in EXPERIMENTS.get(cfg.experiment).unused:
-        del data[section]
-    return data
+    used = EXPERIMENTS.get(cfg.experiment).sections
+    hints = typing.get_type_hints(Config)
+    return {
+        key: value
+        for key, value in dataclasses.asdict(cfg).items()
+        if key in used or not dataclasses.is_dataclass(hints[key])
+    }
 
 
 def dump(cfg: Config) -> str:

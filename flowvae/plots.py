@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowvae.paper import PaperTable
+from flowvae.paper import PaperTable, flow_rank
 
 BOX = 4.0  # the paper's [-4, 4]² window
 
@@ -148,7 +148,6 @@ def figure3_grid(rows: list[dict], models: dict, path, n: int = 100) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flowvae.paper import flow_rank
     from flowvae.targets import TARGETS
 
     targets = sorted({r["target"] for r in rows})

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -36,11 +37,15 @@ def unknown_name(
 
 
 class Registry(Generic[T]):
-    """A named collection of factories (flow classes, targets, datasets, experiments)."""
+    """A named collection of factories (flow classes, targets, datasets, experiments).
 
-    def __init__(self, kind: str) -> None:
+    ``modules`` names items before they exist: name -> the module that registers it, imported
+    on the first :meth:`get` (so a registry of names costs no import of what they name)."""
+
+    def __init__(self, kind: str, modules: Mapping[str, str] | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._modules = dict(modules or {})
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
@@ -55,12 +60,15 @@ class Registry(Generic[T]):
         """Remove ``name`` and return its item (for plugins and tests that register temporarily)."""
         if name not in self._items:
             self.get(name)  # raises UnknownNameError with a suggestion
+        self._modules.pop(name, None)
         return self._items.pop(name)
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted({*self._items, *self._modules})
 
     def get(self, name: str) -> T:
+        if name not in self._items and name in self._modules:
+            importlib.import_module(self._modules[name])  # registers it
         try:
             return self._items[name]
         except KeyError:
@@ -68,7 +76,7 @@ class Registry(Generic[T]):
             raise UnknownNameError(message) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._modules
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

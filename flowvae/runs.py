@@ -12,7 +12,7 @@ import torch
 from flowvae import checkpoint, experiments
 from flowvae.config import Config, from_dict
 from flowvae.device import resolve_device
-from flowvae.errors import CheckpointError
+from flowvae.errors import CheckpointError, ConfigError
 from flowvae.experiments import EvalOptions
 
 
@@ -35,7 +35,7 @@ def load_run(
     ckpt = checkpoint.load(path)
     try:
         cfg = from_dict(ckpt["config"])
-    except Exception as exc:  # a config this version cannot read
+    except (ConfigError, KeyError, TypeError) as exc:  # a config this version cannot read
         raise CheckpointError(f"{path}: its stored config is not valid here ({exc})") from None
     if check is not None:
         check(cfg.experiment)

@@ -89,25 +89,7 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
         # The fused kernel updates every tensor in one pass: on CPU it is 3x cheaper than the
         # per-tensor loop for the VAE, and 10x for a density flow's many tiny parameters.
         return torch.optim.Adam(params, lr=t.lr, fused=True)
-    if t.optimizer == "adamax":
-        return torch.optim.Adamax(params, lr=t.lr, eps=1e-7)
     return torch.optim.RMSprop(params, lr=t.lr, momentum=t.momentum)
-
-
-def param_groups(cfg: Config, model: nn.Module) -> list[dict[str, Any]]:
-    """The trainable parameters at lr, and the encoder's flow head at lr · train.flow_lr_scale.
-
-    Adam moves every head output by about lr per update whatever K is, so the map of K layers
-    moves about K times as far as one layer's: the scale gives a deep stack a smaller step."""
-    t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.flow_lr_scale == 1.0:
-        return [{"params": params, "lr": t.lr}]
-    ids = {id(p) for p in model.flow_head.parameters()}  # the config says there is one
-    return [
-        {"params": [p for p in params if id(p) not in ids], "lr": t.lr},
-        {"params": [p for p in params if id(p) in ids], "lr": t.lr * t.flow_lr_scale},
-    ]
 
 
 def make_schedule(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -136,7 +118,7 @@ def build_trainer(cfg: Config, device: torch.device, shard: Shard = SINGLE) -> T
     if device.type == "cpu" and experiment.single_thread:
         torch.set_num_threads(1)
     model = experiment.model
-    optimizer = make_optimizer(cfg, param_groups(cfg, model))
+    optimizer = make_optimizer(cfg, experiment.param_groups())
     t = cfg.train
     deferred = guard.uses_deferred(optimizer, device)
     check_every = min(t.log_every, t.max_bad_steps)
@@ -440,7 +422,9 @@ def loop(
                 ckpts.save(tr, ckpts.last, step, best)
             if out.stop:
                 raise Interrupted(caught[0] if caught else signal.SIGTERM, step, ckpts.last)
-    if not ckpts.best.exists():  # no finite validation: keep the final weights
+    if log.unscored:  # nothing held out: the final weights, on a resumed run too
+        log.warn("no validation split (data.valid_size: 0): best.pt is the last checkpoint")
+    if log.unscored or not ckpts.best.exists():  # or no finite validation: the final weights
         ckpts.save(tr, ckpts.best, step, best)
     return step, best
 
@@ -518,6 +502,7 @@ class Logger:
         self.metrics = MetricsLog(out_dir, tensorboard=tensorboard) if main else None
         self.last: dict[str, float] = {}
         self.window_start, self.window_step = time.perf_counter(), step
+        self.unscored = False  # a validation found nothing held out
 
     def warn(self, message: str | None) -> None:
         if message and self.main:
@@ -553,8 +538,11 @@ class Logger:
         with held_out_rng(tr.cfg.seed, tr.device):
             val = tr.experiment.validate()
             images = tr.experiment.images()
-        self.metrics.scalars(step, val, "valid")
         self.metrics.images(step, images)
+        if not val:  # no validation split: nothing to score
+            self.unscored = True
+            return math.inf
+        self.metrics.scalars(step, val, "valid")
         self.val_text = f"  {self.score_label} {val['score']:.4g} nats"
         return val["score"] if math.isfinite(val["score"]) else math.inf
 

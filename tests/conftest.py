@@ -113,20 +113,26 @@ def spawn_cli():
             proc.wait(timeout=30)
 
 
-@pytest.fixture
-def cli_in_process(monkeypatch):
-    """``cli_in_process(*args, cwd=...)``: the same CLI as ``run_cli`` (the Typer app, its error
-    handling and exit codes) run in this process, without the ~3 s interpreter and torch start-up
-    per call; a CompletedProcess-like result back."""
+def invoke_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    """The CLI (the Typer app, its error handling and exit codes) run in this process, without
+    the ~3 s interpreter and torch start-up of ``run_cli``; a CompletedProcess-like result."""
     from typer.testing import CliRunner
 
     from flowvae.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch):
+    """``cli_in_process(*args, cwd=...)``: :func:`invoke_cli` in ``cwd``, with FLOWVAE_DATA unset
+    (both undone after the test)."""
 
     def run(*args: str | Path, cwd: str | Path | None = None):
         if cwd is not None:
             monkeypatch.chdir(cwd)
         monkeypatch.delenv("FLOWVAE_DATA", raising=False)
-        result = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
-        return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+        return invoke_cli(*args)
 
     return run

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import invoke_cli
 
 from flowvae.targets import TARGETS, log_z_quadrature
 
@@ -38,7 +39,7 @@ def test_u1_quadrature_is_converged():
 
 
 @pytest.fixture(scope="module")
-def energy_run(tmp_path_factory, repo_root, run_cli):
+def energy_run(tmp_path_factory, run_cli):
     """U1, planar K=4, trained long enough (1500 steps, β reaches 1 at step 500) for the
     importance-weight check to be stable. Returns the run folder."""
     work = tmp_path_factory.mktemp("energy")
@@ -46,7 +47,7 @@ def energy_run(tmp_path_factory, repo_root, run_cli):
     proc = run_cli(
         "train",
         "--config",
-        repo_root / "configs" / "energy.yaml",
+        "energy",
         "--set",
         f"train.steps={TRAIN_STEPS}",
         "--set",
@@ -71,11 +72,10 @@ def energy_run(tmp_path_factory, repo_root, run_cli):
 
 
 @pytest.fixture(scope="module")
-def eval_json(energy_run, run_cli):
-    proc = run_cli(
-        "eval", energy_run / "checkpoints" / "last.pt", "--json", "--samples", "20000",
-        cwd=energy_run,
-    )  # fmt: skip
+def eval_json(energy_run):
+    proc = invoke_cli(
+        "eval", energy_run / "checkpoints" / "last.pt", "--json", "--samples", "20000"
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout
@@ -85,12 +85,12 @@ def eval_json(energy_run, run_cli):
 
 
 @pytest.fixture(scope="module")
-def npz_samples(energy_run, run_cli):
+def npz_samples(energy_run):
     """50,000 samples (seed 1: independent of the eval's seed-0 samples) as (z, log_q)."""
     path = energy_run / "x.npz"
-    proc = run_cli(
+    proc = invoke_cli(
         "sample", energy_run / "checkpoints" / "last.pt", "--out", path, "--n", "50000",
-        "--seed", "1", cwd=energy_run,
+        "--seed", "1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     with np.load(path) as data:
@@ -143,7 +143,8 @@ def test_eval_json(eval_json):
     assert 0 < r["ess_fraction"] <= 1
 
 
-def test_eval_table(energy_run, run_cli):
+def test_eval_table(energy_run, cli_in_process):
+    run_cli = cli_in_process
     proc = run_cli(
         "eval", energy_run / "checkpoints" / "best.pt", "--samples", "2000", cwd=energy_run
     )
@@ -168,7 +169,8 @@ def test_report_table_cells(eval_json):
     assert f"| U1 | {eval_json['kl']:.4f} / {eval_json['kl'] / 3:.4f} |" in two
 
 
-def test_sample_png(energy_run, run_cli):
+def test_sample_png(energy_run, cli_in_process):
+    run_cli = cli_in_process
     from PIL import Image
 
     path = energy_run / "x.png"
@@ -223,13 +225,14 @@ def test_sampled_log_q_matches_inverse(energy_run, npz_samples):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_continues_exactly(tmp_path, repo_root, run_cli):
+def test_resume_continues_exactly(tmp_path, cli_in_process):
+    run_cli = cli_in_process  # three runs without three start-ups
     # A constant learning rate: a cosine schedule is defined by train.steps, so a run first
     # planned for 100 steps and then extended to 200 would follow a different schedule.
     common = [
         "train",
         "--config",
-        repo_root / "configs" / "energy.yaml",
+        "energy",
         "--set",
         "flow.k=2",
         "--set",
@@ -276,7 +279,8 @@ def test_resume_continues_exactly(tmp_path, repo_root, run_cli):
 # ----------------------------------------------------------------------------- info commands
 
 
-def test_list_names_everything(run_cli, tmp_path):
+def test_list_names_everything(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     proc = run_cli("list", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for name in ("planar", "radial", "nice", "U1", "U2", "U3", "U4", "mnist", "density", "vae"):
@@ -294,7 +298,8 @@ def test_help_exits_zero(run_cli, tmp_path, args):
         assert "metrics.jsonl and TensorBoard logs" in proc.stdout
 
 
-def test_keys_lists_train_lr(run_cli, tmp_path):
+def test_keys_lists_train_lr(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     proc = run_cli("keys", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for key in ("train.lr", "flow.k", "model.hidden", "data.valid_size", "eval.iw_samples"):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
-    "--config", str(REPO / "configs" / "energy.yaml"),
+    "--config", "energy",
     "--set", "flow.k=4",
     "--set", "train.batch_size=64",
     "--set", "train.log_every=1",
@@ -125,12 +125,12 @@ def test_cuda_training_run(tmp_path):
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "cuda").values())
 
 
-def test_sharded_evaluation_matches_one_process(tmp_path, mnist_dir, repo_root):
+def test_sharded_evaluation_matches_one_process(tmp_path, mnist_dir):
     """torchrun eval with 2 processes gives the single process's -log p(x) and -ELBO: each
     chunk's noise depends only on (seed, chunk), whichever process evaluates it."""
     out = tmp_path / "vae"
     train = [
-        "-m", "flowvae", "train", "--config", str(repo_root / "configs" / "mnist_quick.yaml"),
+        "-m", "flowvae", "train", "--config", "mnist_quick",
         "--set", f"data.root={mnist_dir}", "--set", "train.steps=30", "--set", "model.hidden=[64]",
         "--set", "flow.k=3", "--set", "data.valid_size=500", "--set", "train.eval_every=30",
         "--no-progress", "--out", str(out),

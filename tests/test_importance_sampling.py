@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from flowvae.experiments.vae import FlowVAE, bernoulli_log_lik, free_energy, importance_nll
+from flowvae.experiments.vae import FlowVAE, free_energy
+from flowvae.importance import importance_nll
+from flowvae.likelihoods import bernoulli_log_lik
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flowvae.config import load_config
-from flowvae.experiments.vae import FlowVAE, negative_elbo
-from flowvae.train import make_optimizer, param_groups
+from flowvae.experiments.vae import FlowVAE, flow_head_groups, negative_elbo
+from flowvae.train import make_optimizer
 
 
 def first_adam_step(scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -19,7 +19,8 @@ def first_adam_step(scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     model = FlowVAE(x_dim=20, latent_dim=3, hidden=[16], flow_name="planar", k=4)
     x = torch.bernoulli(torch.full((8, 20), 0.3))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = make_optimizer(cfg, param_groups(cfg, model))
+    groups = flow_head_groups(model, cfg.train.lr, cfg.train.flow_lr_scale)
+    optimizer = make_optimizer(cfg, groups)
     negative_elbo(model, x).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     optimizer.step()

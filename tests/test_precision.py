@@ -60,10 +60,11 @@ def test_unknown_precision_is_rejected():
         _model("fp8")
 
 
-def test_bf16_config_trains_through_the_cli(tmp_path, repo_root, mnist_dir, run_cli):
+def test_bf16_config_trains_through_the_cli(tmp_path, mnist_dir, cli_in_process):
+    run_cli = cli_in_process
     out = tmp_path / "bf16"
     proc = run_cli(
-        "train", "--config", repo_root / "configs" / "mnist_quick.yaml",
+        "train", "--config", "mnist_quick",
         "--set", f"data.root={mnist_dir}", "--set", "model.precision=bf16",
         "--set", "model.hidden=[64]", "--set", "flow.k=2", "--set", "train.steps=20",
         "--set", "train.eval_every=20", "--set", "data.valid_size=500", "--no-progress",

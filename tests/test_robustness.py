@@ -37,7 +37,7 @@ from flowvae.targets.energies import u2
 from flowvae.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "energy.yaml"
+CONFIG = "energy"  # the shipped config, by name
 ENV = {
     **os.environ,
     "OMP_NUM_THREADS": "1",

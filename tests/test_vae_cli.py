@@ -14,38 +14,27 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def vae_runs(tmp_path_factory, repo_root, mnist_dir, run_cli):
-    """{'trained': run folder after 300 steps, 'untrained': the same model after 1 step}."""
+def vae_runs(tmp_path_factory, mnist_dir, run_cli):
+    """{'trained': run folder after 300 steps, 'untrained': the same model after 1 step}. The
+    trained run is the real CLI in a process of its own on the real MNIST files; the untrained
+    one, only a reference, is trained in this process."""
+    from flowvae.config import load_config
+    from flowvae.train import train
+
     work = tmp_path_factory.mktemp("vae")
-    runs = {}
-    for name, steps in (("trained", TRAIN_STEPS), ("untrained", 1)):
-        out = work / name
-        proc = run_cli(
-            "train",
-            "--config",
-            repo_root / "configs" / "mnist_quick.yaml",
-            "--set",
-            f"data.root={mnist_dir}",
-            "--set",
-            f"train.steps={steps}",
-            "--set",
-            "model.hidden=[200]",
-            "--set",
-            "flow.k=4",
-            "--set",
-            "train.eval_every=150",
-            "--set",
-            "data.valid_size=1000",
-            "--no-progress",
-            "--out",
-            out,
-            cwd=work,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr
+    sets = [f"data.root={mnist_dir}", "model.hidden=[200]", "flow.k=4", "train.eval_every=150"]
+    sets += ["data.valid_size=1000"]
+    trained = work / "trained"
+    args = [a for s in [*sets, f"train.steps={TRAIN_STEPS}"] for a in ("--set", s)]
+    proc = run_cli("train", "--config", "mnist_quick", *args, "--no-progress", "--out", trained,
+                   cwd=work)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    untrained = work / "untrained"
+    train(load_config("mnist_quick", [*sets, "train.steps=1"]), untrained, progress=False)
+    for out in (trained, untrained):
         assert (out / "checkpoints" / "best.pt").is_file()
-        runs[name] = out
-    return runs
+    return {"trained": trained, "untrained": untrained}
 
 
 def evaluate(run_cli, run) -> dict:
@@ -70,7 +59,8 @@ def test_training_wrote_the_run(vae_runs):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_eval_trained_beats_untrained(vae_runs, run_cli):
+def test_eval_trained_beats_untrained(vae_runs, cli_in_process):
+    run_cli = cli_in_process
     trained = evaluate(run_cli, vae_runs["trained"])
     untrained = evaluate(run_cli, vae_runs["untrained"])
     for r in (trained, untrained):
@@ -98,7 +88,8 @@ def _png_size(path):
         return img.size
 
 
-def test_sample_outputs(vae_runs, run_cli):
+def test_sample_outputs(vae_runs, cli_in_process):
+    run_cli = cli_in_process
     run = vae_runs["trained"]
     best = run / "checkpoints" / "best.pt"
 
@@ -120,7 +111,8 @@ def test_sample_outputs(vae_runs, run_cli):
     assert np.isfinite(z).all() and ((probs >= 0) & (probs <= 1)).all()
 
 
-def test_eval_says_whether_the_importance_weights_can_be_trusted(vae_runs, run_cli):
+def test_eval_says_whether_the_importance_weights_can_be_trusted(vae_runs, cli_in_process):
+    run_cli = cli_in_process
     """Per-image Pareto k̂ and ESS summarised in the JSON, the PSIS estimate with --psis, and a
     warning on stderr exactly when many images have k̂ > 0.7."""
     run = vae_runs["trained"]
@@ -142,7 +134,8 @@ def test_eval_says_whether_the_importance_weights_can_be_trusted(vae_runs, run_c
     assert ("warning" in r) == warned
 
 
-def test_report_shows_the_weight_diagnostics(vae_runs, run_cli, tmp_path):
+def test_report_shows_the_weight_diagnostics(vae_runs, cli_in_process, tmp_path):
+    run_cli = cli_in_process
     run = vae_runs["trained"]
     proc = run_cli(
         "eval", run / "checkpoints" / "best.pt", "--json", "--iw-samples", "100", "--limit", "200",
@@ -160,13 +153,30 @@ def test_report_shows_the_weight_diagnostics(vae_runs, run_cli, tmp_path):
     assert (tmp_path / "k.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnist_dir, run_cli):
+def mnist_npz(path, mnist_dir, n_train: int, n_test: int):
+    """The first MNIST images as a user's .npz (uint8 28×28): the sweep's mechanics on real
+    digits, at a size whose evaluation at three S takes seconds, not a minute."""
+    from flowvae.data.idx import read_idx
+
+    train = read_idx(mnist_dir / "train-images-idx3-ubyte.gz")[:n_train].numpy()
+    test = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")[:n_test].numpy()
+    np.savez(path, train=train, test=test)
+    return path
+
+
+#: test images of the sweep below
+SWEEP_TEST = 400
+
+
+def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, mnist_dir, cli_in_process):
+    run_cli = cli_in_process  # the CLI in this process: nine runs without nine start-ups
     """Rows that extend one base config, swept by file, each evaluated at S = 5 and S = 50 on the
     same test images: the larger S gives the tighter (lower) bound, and the report shows both."""
+    data = mnist_npz(tmp_path / "digits.npz", mnist_dir, 2000, SWEEP_TEST)
     base = tmp_path / "base.yaml"
     base.write_text(
-        f"extends: {repo_root / 'configs' / 'mnist_quick.yaml'}\n"
-        f"data: {{root: {mnist_dir}, valid_size: 1000}}\n"
+        "extends: mnist_quick\n"
+        f"data: {{name: npz, root: {data}, valid_size: 200}}\n"
         "model: {hidden: [50]}\n"
         "train: {steps: 100, eval_every: 100, anneal: kl, anneal_steps: 50}\n"
     )
@@ -185,7 +195,9 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
         result = json.loads((run / "eval.json").read_text())
         assert (result["flow"], result["k"], result["iw_samples"]) == (name, 2, 5)
         more = result["by_samples"]["50"]
-        assert (more["iw_samples"], more["examples"]) == (50, result["examples"]) == (50, 10000)
+        assert (
+            (more["iw_samples"], more["examples"]) == (50, result["examples"]) == (50, SWEEP_TEST)
+        )
         assert more["nll"] < result["nll"] - 3 * result["nll_stderr"] / 10
         saved = (run / "config.yaml").read_text()
         assert "- 50" in saved and "anneal: kl" in saved  # the base's keys under the row's own
@@ -238,7 +250,7 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
     planar, nice = (json.loads((tmp_path / "sweep" / f"{n}-k2" / "eval.json").read_text())
                     for n in ("planar", "nice"))  # fmt: skip
     per_image = np.array(nice["nll_per_image"]) - np.array(planar["nll_per_image"])
-    assert per_image.shape == (10000,)
+    assert per_image.shape == (SWEEP_TEST,)
     assert per_image.mean() == pytest.approx(nice["nll"] - planar["nll"], abs=1e-3)
     paired = per_image.std(ddof=1) / math.sqrt(per_image.size)
     assert paired < 0.5 * math.hypot(nice["nll_stderr"], planar["nll_stderr"])
@@ -250,7 +262,7 @@ def test_sweep_over_config_files_with_two_sample_sizes(tmp_path, repo_root, mnis
                     cwd=tmp_path)  # fmt: skip
     assert valid.returncode == 0 and valid.stderr.count(": trained") == 2, valid.stderr
     result = json.loads((tmp_path / "sweep" / "nice-k2" / "eval.json").read_text())
-    assert (result["split"], result["examples"], result["iw_samples"]) == ("valid", 1000, 5)
+    assert (result["split"], result["examples"], result["iw_samples"]) == ("valid", 200, 5)
 
 
 def test_sweep_names_runs_after_grid_points_or_config_files():
@@ -273,7 +285,7 @@ def test_sweep_names_runs_after_grid_points_or_config_files():
 
 def test_report_sets_only_test_numbers_beside_the_papers():
     from flowvae.data import DATASETS
-    from flowvae.experiments.vae import nll_table
+    from flowvae.tables import nll_table
 
     row = {"flow": "planar", "k": 10, "neg_elbo": 89.49, "nll": 86.30, "nll_stderr": 0.22}
     row |= {"iw_samples": 200, "info": {}}
@@ -284,7 +296,7 @@ def test_report_sets_only_test_numbers_beside_the_papers():
 
 
 def test_paired_table_compares_each_k_with_the_next_shorter_and_the_families_at_equal_k():
-    from flowvae.experiments.vae import paired_table
+    from flowvae.tables import paired_table
 
     gen = np.random.default_rng(0)
     hard = gen.gamma(2.0, 10.0, size=400) + 60  # image difficulty, shared by every run
@@ -308,14 +320,15 @@ def test_paired_table_compares_each_k_with_the_next_shorter_and_the_families_at_
     assert paired_table([rows[0]]) is None
 
 
-def test_global_flow_layers_train_save_and_evaluate(tmp_path, repo_root, mnist_dir, run_cli):
+def test_global_flow_layers_train_save_and_evaluate(tmp_path, mnist_dir, cli_in_process):
+    run_cli = cli_in_process
     """flow.amortized: false — one NICE coupling net for all images, no flow head on the
     encoder — through train, the checkpoint and eval."""
     import torch
 
     out = tmp_path / "global"
     proc = run_cli(
-        "train", "--config", repo_root / "configs" / "mnist_quick.yaml",
+        "train", "--config", "mnist_quick",
         "--set", f"data.root={mnist_dir}", "--set", "data.valid_size=1000",
         "--set", "model.hidden=[100]", "--set", "flow.name=nice", "--set", "flow.k=2",
         "--set", "flow.amortized=false", "--set", "train.steps=40",

@@ -5,8 +5,10 @@
 - ``cifar10_patches``: 3×8×8 patches of CIFAR-10's binary release (cifar10.py);
 - ``npz``: your own arrays (npz.py).
 
-Every loader returns :class:`ImageData`; how intensities become pixels (binary or continuous)
-follows the likelihood (flowvae.data.pixels, flowvae.likelihoods).
+A dataset module only reads its files into raw splits; one function, flowvae.data.loader's
+``load_dataset``, splits them and builds the :class:`ImageData` every loader returns. How
+intensities become pixels (binary or continuous) follows the likelihood (flowvae.data.pixels,
+flowvae.likelihoods).
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ from __future__ import annotations
 from . import cifar10, fashion_mnist, mnist, npz, omniglot  # noqa: F401  (registration)
 from .catalog import DATASETS, DatasetEntry, data_root
 from .images import ImageData
-from .mnist import BinaryMNIST, default_root, ensure_files, load_mnist
+from .loader import Fetch, RawSplits, load_dataset
+from .mnist import default_root, ensure_files, load_mnist
 
 __all__ = [
     "DATASETS",
-    "BinaryMNIST",
+    "Fetch",
+    "RawSplits",
     "DatasetEntry",
     "ImageData",
     "data_root",
     "default_root",
     "ensure_files",
+    "load_dataset",
     "load_mnist",
 ]

@@ -2,8 +2,8 @@
 
 Each dataset module writes down, next to its reader, the canonical source, the files and their
 checksums, the split and the preprocessing, and registers one :class:`DatasetEntry` built from
-them. Every loader takes the same keywords (root, valid_size, binarize, seed, device, download,
-pixels, eps, progress, mirrors) and returns a :class:`flowvae.data.images.ImageData`.
+them. Every loader is flowvae.data.loader's ``load_dataset`` over the module's reader, so all
+take the same keywords and return a :class:`flowvae.data.images.ImageData`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Source: the CIFAR-10 binary release, ``cifar-10-binary.tar.gz`` (Krizhevsky 2009, 170,052,171
 bytes), from https://www.cs.toronto.edu/~kriz/, checked against the SHA256 below and read
-straight from the archive (nothing is extracted). Its members
+straight from the archive (nothing is extracted); a folder that holds the archive's extracted
+``cifar-10-batches-bin`` (or is it) is read as it is, each batch file checked for its size and
+labels (no checksum of the extracted files is published). Its members
 ``cifar-10-batches-bin/data_batch_{1..5}.bin`` and ``test_batch.bin`` hold records of 3,073
 bytes: the label (0-9), then 1,024 red, 1,024 green and 1,024 blue bytes, each 32×32 row-major.
 
@@ -23,7 +25,7 @@ import gzip
 import os
 import tarfile
 import zlib
-from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +34,9 @@ from torch import Tensor
 
 from ..errors import DataError
 from ..paper import TABLE3
-from .catalog import DATASETS, DatasetEntry, data_root
+from .catalog import DATASETS, DatasetEntry
 from .download import ensure_file
-from .images import ImageData, build, check_binarize, check_valid_size
-from .pixels import DEFAULT_EPS
+from .loader import Fetch, RawSplits, load_dataset, note
 
 __all__ = [
     "ARCHIVE",
@@ -44,6 +45,8 @@ __all__ = [
     "SHA256",
     "load_cifar10_patches",
     "read_archive",
+    "read_cifar10",
+    "read_folder",
 ]
 
 ARCHIVE = "cifar-10-binary.tar.gz"
@@ -54,6 +57,7 @@ TRAIN_MEMBERS = tuple(f"{FOLDER}/data_batch_{i}.bin" for i in range(1, 6))
 TEST_MEMBER = f"{FOLDER}/test_batch.bin"
 IMAGE_SHAPE = (3, 32, 32)
 RECORD = 1 + 3 * 32 * 32  # label byte + pixels
+BATCH_RECORDS = 10000  # images in each batch file
 PATCH = 8
 #: Without data.valid_size, a tenth of the training images validate (5,000 of 50,000).
 VALID_FRACTION = 10
@@ -107,11 +111,7 @@ def _records(path: Path, name: str, data: bytes) -> tuple[Tensor, Tensor]:
     return labels, torch.from_numpy(rows[:, 1:].copy())
 
 
-def read_archive(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(train images, train labels, test images, test labels) of ``cifar-10-binary.tar.gz``;
-    images as uint8 rows of 3×32×32 (channel, row, column). Any problem is one DataError line."""
-    path = Path(path)
-    members = _members(path)
+def _splits(path: Path, members: dict[str, bytes]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     train = [_records(path, name, members[name]) for name in TRAIN_MEMBERS]
     test_labels, test_images = _records(path, TEST_MEMBER, members[TEST_MEMBER])
     train_labels = torch.cat([labels for labels, _ in train])
@@ -119,49 +119,81 @@ def read_archive(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor, Tensor, 
     return train_images, train_labels, test_images, test_labels
 
 
-def load_cifar10_patches(
-    root: str | os.PathLike[str] | None = None,
-    valid_size: int | None = None,
-    binarize: str = "dynamic",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    download: bool = True,
-    mirrors: Sequence[str] | None = None,
-    progress: bool = True,
-    pixels: str = "continuous",
-    eps: float = DEFAULT_EPS,
-) -> ImageData:
-    """CIFAR-10's random 8×8 patches from ``root`` (default ``$FLOWVAE_DATA/cifar10_patches`` or
-    ``~/.cache/flowvae/cifar10_patches``), downloading the archive if it is missing; see the
-    module docstring for the split and the preprocessing."""
-    check_binarize(binarize)
-    root = data_root("cifar10_patches") if root is None else Path(root).expanduser()
-    path = ensure_file(
-        ARCHIVE,
-        root,
-        SHA256,
-        title="CIFAR-10",
-        mirrors=MIRRORS if mirrors is None else mirrors,
-        download=download,
-        progress=progress,
+def read_archive(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train images, train labels, test images, test labels) of ``cifar-10-binary.tar.gz``;
+    images as uint8 rows of 3×32×32 (channel, row, column). Any problem is one DataError line."""
+    path = Path(path)
+    return _splits(path, _members(path))
+
+
+def _batch_file(folder: Path, name: str) -> tuple[str, bytes]:
+    path = folder / Path(name).name
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({' '.join(str(e).split())})") from None
+    if len(data) != BATCH_RECORDS * RECORD:
+        raise DataError(
+            f"{path} holds {len(data)} bytes, expected {BATCH_RECORDS * RECORD} "
+            f"({BATCH_RECORDS:,} records of {RECORD} bytes; truncated?) — replace it with a good "
+            f"copy, or delete the folder and put {ARCHIVE} in its place"
+        )
+    return name, data
+
+
+def read_folder(folder: str | os.PathLike[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """As :func:`read_archive`, from the archive's extracted folder ``cifar-10-batches-bin``
+    (the six batch files, each checked for its size and its records' labels)."""
+    folder = Path(folder)
+    members = dict(_batch_file(folder, name) for name in (*TRAIN_MEMBERS, TEST_MEMBER))
+    note(
+        f"{folder} is read as extracted: each batch file's size and labels are checked, its "
+        f"content is not (the published checksum is of {ARCHIVE})"
     )
-    images, labels, test_images, test_labels = read_archive(path)
-    n = images.shape[0]
-    valid_size = check_valid_size(n // VALID_FRACTION if valid_size is None else valid_size, n)
-    n_train = n - valid_size
-    return build(
-        images[:n_train],
-        images[n_train:],
-        test_images,
+    return _splits(folder, members)
+
+
+def _extracted(root: Path) -> Path | None:
+    """The extracted batch folder in ``root`` (or ``root`` itself), if it has all six files."""
+    for folder in (root / FOLDER, root):
+        if all((folder / Path(name).name).is_file() for name in (*TRAIN_MEMBERS, TEST_MEMBER)):
+            return folder
+    return None
+
+
+def read_cifar10(fetch: Fetch) -> RawSplits:
+    """CIFAR-10's images from ``cifar-10-binary.tar.gz`` in the folder (downloaded if neither
+    it nor its extracted ``cifar-10-batches-bin`` folder is there)."""
+    root = fetch.folder("cifar10_patches")
+    folder = None if (root / ARCHIVE).is_file() else _extracted(root)
+    if folder is not None:
+        images, labels, test_images, test_labels = read_folder(folder)
+    else:
+        path = ensure_file(
+            ARCHIVE,
+            root,
+            SHA256,
+            title="CIFAR-10",
+            mirrors=MIRRORS if fetch.mirrors is None else fetch.mirrors,
+            download=fetch.download,
+            progress=fetch.progress,
+        )
+        images, labels, test_images, test_labels = read_archive(path)
+    return RawSplits(
+        train=images,
+        test=test_images,
         image_shape=IMAGE_SHAPE,
-        binarize=binarize,
-        pixels=pixels,
-        eps=eps,
-        seed=seed,
-        device=device,
+        default_valid=images.shape[0] // VALID_FRACTION,
+        train_labels=labels,
+        test_labels=test_labels,
         patch=PATCH,
-        labels=(labels[:n_train], labels[n_train:], test_labels),
     )
+
+
+#: CIFAR-10's random 8×8 patches from ``root`` (default ``$FLOWVAE_DATA/cifar10_patches`` or
+#: ``~/.cache/flowvae/cifar10_patches``), downloading the archive if neither it nor its
+#: extracted folder is there; the keywords of :func:`flowvae.data.loader.load_dataset`.
+load_cifar10_patches = partial(load_dataset, read_cifar10, pixels="continuous")
 
 
 DATASETS.register("cifar10_patches")(

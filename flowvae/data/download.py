@@ -18,6 +18,7 @@ __all__ = [
     "ensure_file",
     "fetch",
     "file_digest",
+    "one_line",
     "sha256_of",
 ]
 
@@ -38,8 +39,31 @@ class DownloadError(DataError):
         self.checksum_failed = checksum_failed
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
+    """``text`` with its whitespace (newlines too) folded into single spaces."""
     return " ".join(str(text).split())
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, deepest first."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"cannot create the data folder {folder} ({one_line(e)}) — "
+            "choose a writable folder (e.g. set FLOWVAE_DATA)"
+        ) from None
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Undo :func:`_make_folder` after a failed download: a missing dataset leaves no folder."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else was put there meanwhile): keep it
+            return
 
 
 def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
@@ -114,17 +138,27 @@ def fetch(
     :class:`DownloadError` (a :class:`DataError`) is raised with a one-line message.
     """
     folder = Path(folder).expanduser()
-    target = folder / filename
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(
-            f"cannot create the data folder {folder} ({_one_line(e)}) — "
-            "choose a writable folder (e.g. set FLOWVAE_DATA)"
-        ) from None
-
     if isinstance(mirrors, str):
         mirrors = [mirrors]
+    created = _make_folder(folder)  # only now, when a download starts
+    try:
+        return _fetch_into(folder, filename, sha256, mirrors, progress, timeout, algorithm)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _fetch_into(
+    folder: Path,
+    filename: str,
+    sha256: str | None,
+    mirrors: Sequence[str],
+    progress: bool,
+    timeout: float,
+    algorithm: str,
+) -> Path:
+    """:func:`fetch` into the existing ``folder``."""
+    target = folder / filename
     reasons: list[str] = []
     checksum_failed = False
     for mirror in mirrors:
@@ -136,7 +170,7 @@ def fetch(
             )
         except OSError as e:
             raise DataError(
-                f"cannot write into the data folder {folder} ({_one_line(e)}) — "
+                f"cannot write into the data folder {folder} ({one_line(e)}) — "
                 "choose a writable folder (e.g. set FLOWVAE_DATA)"
             ) from None
         tmp_path = Path(tmp.name)
@@ -145,13 +179,13 @@ def fetch(
                 with tmp:
                     digest = _download_once(url, tmp, timeout, progress, filename, algorithm)
             except urllib.error.HTTPError as e:
-                reasons.append(f"{url}: HTTP {e.code} {_one_line(e.reason)}")
+                reasons.append(f"{url}: HTTP {e.code} {one_line(e.reason)}")
                 continue
             except urllib.error.URLError as e:
-                reasons.append(f"{url}: {_one_line(e.reason)}")
+                reasons.append(f"{url}: {one_line(e.reason)}")
                 continue
             except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
-                reasons.append(f"{url}: {_one_line(e) or type(e).__name__}")
+                reasons.append(f"{url}: {one_line(e) or type(e).__name__}")
                 continue
             if sha256 is not None and digest != sha256.lower():
                 checksum_failed = True

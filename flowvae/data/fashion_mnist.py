@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from .catalog import DATASETS, DatasetEntry
+from .catalog import DATASETS
 from .mnist import (
     FILES,
     TEST_IMAGES,
@@ -18,10 +18,11 @@ from .mnist import (
     TRAIN_IMAGES,
     TRAIN_LABELS,
     IdxSource,
+    idx_entry,
     load_idx_dataset,
 )
 
-__all__ = ["FASHION_MNIST", "MIRRORS", "SHA256", "load_fashion_mnist"]
+__all__ = ["FASHION_MNIST", "FILES", "MIRRORS", "SHA256", "load_fashion_mnist"]
 
 MIRRORS: tuple[str, ...] = (
     "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
@@ -43,15 +44,6 @@ FASHION_MNIST = IdxSource("Fashion-MNIST", "fashion_mnist", SHA256, MIRRORS)
 #: ``~/.cache/flowvae/fashion_mnist``), downloading missing files; as :func:`load_mnist`.
 load_fashion_mnist = partial(load_idx_dataset, FASHION_MNIST)
 
-
 DATASETS.register("fashion_mnist")(
-    DatasetEntry(
-        load=load_fashion_mnist,
-        likelihood="bernoulli",
-        title="binarised Fashion-MNIST",
-        source="Xiao et al. 2017, from " + ", ".join(MIRRORS),
-        files=", ".join(f"{name} (SHA256 {SHA256[name][:12]}…)" for name in FILES),
-        split="train 60,000 − valid_size, valid the last valid_size (default 10,000), test 10,000",
-        preprocessing="28×28 grey; Bernoulli(intensity/255), dynamic or static; valid/test once",
-    )
+    idx_entry(FASHION_MNIST, load_fashion_mnist, "binarised Fashion-MNIST", "Xiao et al. 2017")
 )

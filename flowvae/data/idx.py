@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from .download import one_line
 
 __all__ = ["read_idx", "IDX_UBYTE", "IMAGES_MAGIC", "LABELS_MAGIC"]
 
@@ -37,10 +38,6 @@ def _is_gzip(path: Path) -> bool:
             return f.read(2) == _GZIP_MAGIC
     except OSError:
         return False  # the real read below reports the problem
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def read_idx(path: str | os.PathLike[str], fix: str = DEFAULT_FIX) -> torch.Tensor:
@@ -86,10 +83,10 @@ def _read_bytes(path: Path, fix: str) -> bytes:
         raise DataError(f"{path} is a folder, not an IDX file — {fix}") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(
-            f"{path} is not a valid gzip file (corrupted or truncated: {_one_line(e)}) — {fix}"
+            f"{path} is not a valid gzip file (corrupted or truncated: {one_line(e)}) — {fix}"
         ) from None
     except OSError as e:
-        raise DataError(f"{path} cannot be read ({_one_line(e)}) — check its permissions") from None
+        raise DataError(f"{path} cannot be read ({one_line(e)}) — check its permissions") from None
 
 
 def _header(path: Path, data: bytes, fix: str) -> tuple[tuple[int, ...], int]:

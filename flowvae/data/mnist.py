@@ -11,12 +11,11 @@ likelihood.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ..errors import DataError
@@ -24,16 +23,8 @@ from ..paper import TABLE2
 from .catalog import DATASETS, DatasetEntry, data_root
 from .download import MNIST_MIRRORS, DownloadError, fetch, sha256_of
 from .idx import read_idx
-from .images import (
-    BINARIZE_MODES,
-    TEST_SEED,
-    VALID_SEED,
-    ImageData,
-    build,
-    check_binarize,
-    check_valid_size,
-)
-from .pixels import DEFAULT_EPS
+from .images import BINARIZE_MODES, TEST_SEED, VALID_SEED, ImageData
+from .loader import Fetch, RawSplits, load_dataset, note
 
 __all__ = [
     "TRAIN_IMAGES",
@@ -46,12 +37,12 @@ __all__ = [
     "TEST_SEED",
     "VALID_SEED",
     "MNIST",
-    "BinaryMNIST",
     "IdxSource",
     "default_root",
     "ensure_files",
     "load_idx_dataset",
     "load_mnist",
+    "read_idx_splits",
 ]
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
@@ -66,6 +57,15 @@ SHA256: dict[str, str] = {
     TRAIN_LABELS: "1787548bbe0bff1ec2ecdc0ef292b02df999e2d1a6002d27500982c652b17203",
     TEST_IMAGES: "1a1a05eab793c14bb050b398624a11b0ffd1a2953baed553b1b9bd079e2a20be",
     TEST_LABELS: "b91679a0acfe4ba0e50a2437a903084cba1f5f92592b016a25a7dfd00455798b",
+}
+
+#: SHA256 of the same files un-gzipped (of the gzipped files above), so that un-gzipped copies
+#: are checked as well.
+RAW_SHA256: dict[str, str] = {
+    TRAIN_IMAGES: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    TRAIN_LABELS: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    TEST_IMAGES: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -89,9 +89,12 @@ class IdxSource:
     folder: str  # default folder under $FLOWVAE_DATA or ~/.cache/flowvae
     sha256: dict[str, str] = field(repr=False)
     mirrors: tuple[str, ...]
+    #: SHA256 of the un-gzipped files, where known; without it they are checked by header
+    #: and size only
+    raw_sha256: dict[str, str] | None = field(default=None, repr=False)
 
 
-MNIST = IdxSource("MNIST", "mnist", SHA256, MNIST_MIRRORS)
+MNIST = IdxSource("MNIST", "mnist", SHA256, MNIST_MIRRORS, RAW_SHA256)
 
 
 def default_root() -> Path:
@@ -110,25 +113,39 @@ def _fix(path: Path, source: IdxSource) -> str:
     )
 
 
+def _check_digest(path: Path, expected: str, source: IdxSource) -> None:
+    digest = sha256_of(path)
+    if digest != expected:
+        raise DataError(
+            f"{path} has a checksum mismatch (SHA256 {digest}, expected {expected}) — delete "
+            f"it to re-download, or replace it with a good copy of the {source.title} file"
+        )
+
+
 def _find(root: Path, source: IdxSource) -> tuple[dict[str, Path], list[str]]:
-    """Present files (gz checksummed, raw as they are) and the names of the missing ones."""
+    """Present files (gz checksummed, un-gzipped ones too where their sums are known) and the
+    names of the missing ones."""
     found: dict[str, Path] = {}
     missing: list[str] = []
+    unchecked: list[str] = []
     for name in FILES:
         gz, raw = root / name, root / name[: -len(".gz")]
         if gz.is_file():
-            digest = sha256_of(gz)
-            if digest != source.sha256[name]:
-                raise DataError(
-                    f"{gz} has a checksum mismatch (SHA256 {digest}, expected "
-                    f"{source.sha256[name]}) — delete it to re-download, or replace it with a "
-                    f"good copy of the {source.title} file"
-                )
+            _check_digest(gz, source.sha256[name], source)
             found[name] = gz
         elif raw.is_file():
-            found[name] = raw  # cannot be checksummed against the .gz sums; read_idx checks it
+            if source.raw_sha256 is not None:
+                _check_digest(raw, source.raw_sha256[name], source)
+            else:
+                unchecked.append(raw.name)
+            found[name] = raw
         else:
             missing.append(name)
+    if unchecked and not missing:
+        note(
+            f"{', '.join(unchecked)} in {root} are read as they are: their IDX headers and sizes "
+            f"are checked, their content is not (the {source.title} checksums are of the .gz files)"
+        )
     return found, missing
 
 
@@ -141,11 +158,11 @@ def ensure_files(
 ) -> dict[str, Path]:
     """Return ``{gz filename: path}`` for the four IDX files in ``root``, fetching missing ones.
 
-    Each file may be gzipped (``name.gz``, checked against its SHA256) or
-    un-gzipped (``name`` without ``.gz``, checked by magic number and size when read).
-    Missing files are downloaded (from ``mirrors``, default the source's) when ``download`` is
-    true; otherwise, or when the download fails, a one-line :class:`DataError` names the
-    missing files and the folder.
+    Each file may be gzipped (``name.gz``, checked against its SHA256) or un-gzipped (``name``
+    without ``.gz``, checked against the SHA256 of its content where the source knows it, and
+    by magic number and size when read). Missing files are downloaded (from ``mirrors``,
+    default the source's) when ``download`` is true; otherwise, or when the download fails, a
+    one-line :class:`DataError` names the missing files and the folder.
     """
     if root is None:
         root = default_root() if source is MNIST else data_root(source.folder)
@@ -187,68 +204,50 @@ def _read(path: Path, name: str, source: IdxSource) -> Tensor:
     return data
 
 
-#: MNIST's data before other datasets existed; every dataset now loads into ImageData.
-BinaryMNIST = ImageData
+def read_idx_splits(source: IdxSource, fetch: Fetch) -> RawSplits:
+    """The four IDX files of ``source`` (fetched if missing) as raw splits: 60,000 training
+    images, the last 10,000 validating unless data.valid_size says otherwise, 10,000 test."""
+    paths = ensure_files(fetch.root, fetch.download, fetch.mirrors, fetch.progress, source)
+    return RawSplits(
+        train=_read(paths[TRAIN_IMAGES], TRAIN_IMAGES, source).reshape(N_TRAIN_FILE, PIXELS),
+        test=_read(paths[TEST_IMAGES], TEST_IMAGES, source).reshape(-1, PIXELS),
+        image_shape=IMAGE_SHAPE,
+        default_valid=10000,
+        train_labels=_read(paths[TRAIN_LABELS], TRAIN_LABELS, source).long(),
+        test_labels=_read(paths[TEST_LABELS], TEST_LABELS, source).long(),
+    )
 
 
 def load_idx_dataset(
-    source: IdxSource,
-    root: str | os.PathLike[str] | None = None,
-    valid_size: int | None = 10000,
-    binarize: str = "dynamic",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    download: bool = True,
-    mirrors: Sequence[str] | None = None,
-    progress: bool = True,
-    pixels: str = "binary",
-    eps: float = DEFAULT_EPS,
+    source: IdxSource, root: str | os.PathLike[str] | None = None, **keywords
 ) -> ImageData:
-    """Load an IDX dataset (``source``: its name, files, checksums and mirrors) from ``root``,
-    downloading missing files.
-
-    The validation set is the last ``valid_size`` images of the 60k training file (None: 10,000),
-    the training set the first ``60000 - valid_size``. Validation and test pixels are
-    drawn once with fixed seeds (1234 and 4321), independent of ``seed``; ``seed`` only sets
-    the one-off binarisation of the training set when ``binarize="static"``. ``pixels``:
-    "binary" (Bernoulli draws) or "continuous" (dequantised into (eps, 1 - eps)).
-    """
-    check_binarize(binarize)
-    valid_size = check_valid_size(10000 if valid_size is None else valid_size, N_TRAIN_FILE)
-    paths = ensure_files(root, download=download, mirrors=mirrors, progress=progress, source=source)
-    images = _read(paths[TRAIN_IMAGES], TRAIN_IMAGES, source).reshape(N_TRAIN_FILE, PIXELS)
-    labels = _read(paths[TRAIN_LABELS], TRAIN_LABELS, source).long()
-    test_images = _read(paths[TEST_IMAGES], TEST_IMAGES, source).reshape(-1, PIXELS)
-    test_labels = _read(paths[TEST_LABELS], TEST_LABELS, source).long()
-    n_train = N_TRAIN_FILE - valid_size
-    return build(
-        images[:n_train],
-        images[n_train:],
-        test_images,
-        image_shape=IMAGE_SHAPE,
-        binarize=binarize,
-        pixels=pixels,
-        eps=eps,
-        seed=seed,
-        device=device,
-        labels=(labels[:n_train], labels[n_train:], test_labels),
-    )
+    """An IDX dataset (``source``: its name, files, checksums and mirrors) from ``root``,
+    downloading missing files; the keywords of :func:`flowvae.data.loader.load_dataset`."""
+    read = partial(read_idx_splits, source)
+    return load_dataset(read, root, n_train=N_TRAIN_FILE, **keywords)
 
 
 #: MNIST from ``root`` (default :func:`default_root`), downloading missing files; the keywords
-#: of :func:`load_idx_dataset`.
+#: of :func:`flowvae.data.loader.load_dataset`.
 load_mnist = partial(load_idx_dataset, MNIST)
 
 
-DATASETS.register("mnist")(
-    DatasetEntry(
-        load=load_mnist,
+def idx_entry(
+    source: IdxSource, load: Callable[..., ImageData], title: str, cited: str, paper=None
+) -> DatasetEntry:
+    """The registry entry of an IDX dataset (MNIST's files, split and preprocessing)."""
+    return DatasetEntry(
+        load=load,
         likelihood="bernoulli",
-        title="binarised MNIST",
-        source="LeCun et al. 1998, from " + ", ".join(MNIST_MIRRORS),
-        files=", ".join(f"{name} (SHA256 {SHA256[name][:12]}…)" for name in FILES),
+        title=title,
+        source=f"{cited}, from " + ", ".join(source.mirrors),
+        files=", ".join(f"{name} (SHA256 {source.sha256[name][:12]}…)" for name in FILES),
         split="train 60,000 − valid_size, valid the last valid_size (default 10,000), test 10,000",
         preprocessing="28×28 grey; Bernoulli(intensity/255), dynamic or static; valid/test once",
-        paper=TABLE2,
+        paper=paper,
     )
+
+
+DATASETS.register("mnist")(
+    idx_entry(MNIST, load_mnist, "binarised MNIST", "LeCun et al. 1998", TABLE2)
 )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +28,10 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .catalog import DATASETS, DatasetEntry, data_root
-from .images import ImageData, build, check_binarize, check_valid_size
-from .pixels import DEFAULT_EPS
+from .catalog import DATASETS, DatasetEntry
+from .loader import Fetch, RawSplits, load_dataset
 
-__all__ = ["FILE", "LAYOUT", "load_npz", "read_npz"]
+__all__ = ["FILE", "LAYOUT", "load_npz", "read_npz", "read_user_npz"]
 
 FILE = "data.npz"
 SPLITS = ("train", "valid", "test")
@@ -43,8 +42,7 @@ LAYOUT = (
 VALID_FRACTION = 10
 
 
-def _locate(root: str | os.PathLike[str] | None) -> Path:
-    path = data_root("npz") if root is None else Path(root).expanduser()
+def _locate(path: Path) -> Path:
     if path.is_dir():
         path = path / FILE
     if not path.is_file():
@@ -54,19 +52,43 @@ def _locate(root: str | os.PathLike[str] | None) -> Path:
     return path
 
 
+#: A .npz is a zip archive: its first bytes are a zip header (an empty archive: its end record).
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+_WRITE = "write it with np.savez(path, train=..., test=...)"
+
+
+def _kind(path: Path) -> str:
+    """Whether the file starts like a .npz (a zip), a single .npy array, or something else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({' '.join(str(e).split())})") from None
+    if head.startswith(_ZIP_MAGICS):
+        return "npz"
+    return "npy" if head.startswith(_NPY_MAGIC) else "other"
+
+
 def _open(path: Path) -> dict[str, np.ndarray]:
     """Every array of the file, read eagerly (so a damaged member fails here)."""
+    kind = _kind(path)
+    if kind == "other":
+        raise DataError(f"{path} is not an .npz archive (no zip header) — {_WRITE}")
+    if kind == "npy":
+        raise DataError(
+            f"{path} is a single .npy array, not an .npz archive of named arrays — {_WRITE}"
+        )
     try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ValueError("a single array (.npy), not an archive of named arrays")
-        with archive:
+        with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
+        problem = (
+            "holds pickled objects" if "allow_pickle" in reason else "is corrupted or truncated"
+        )
         raise DataError(
-            f"{path} is not a readable .npz file (corrupted, truncated or holding pickled "
-            f"objects: {reason}) — write it with np.savez(path, train=..., test=...)"
+            f"{path} is not a readable .npz file ({problem}: {reason}) — {_WRITE}"
         ) from None
 
 
@@ -110,46 +132,24 @@ def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], tuple[int
     return rows, image_shape
 
 
-def load_npz(
-    root: str | os.PathLike[str] | None = None,
-    valid_size: int | None = None,
-    binarize: str = "dynamic",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    download: bool = True,
-    mirrors: Sequence[str] | None = None,
-    progress: bool = True,
-    pixels: str = "binary",
-    eps: float = DEFAULT_EPS,
-) -> ImageData:
-    """Images from your .npz file (``root``: the file, or a folder holding ``data.npz``); see the
-    module docstring for the layout and the split."""
-    del download, mirrors, progress  # the file is yours: nothing to fetch
-    check_binarize(binarize)
-    path = _locate(root)
+def read_user_npz(fetch: Fetch) -> RawSplits:
+    """Your .npz file (``root``: the file, or a folder holding ``data.npz``); nothing to fetch."""
+    path = _locate(fetch.folder("npz"))
     rows, image_shape = read_npz(path)
     train = rows["train"]
-    if "valid" in rows:
-        if valid_size is not None:
-            raise DataError(
-                f"{path} has a valid array, so data.valid_size must be null (got {valid_size})"
-            )
-        valid = rows["valid"]
-    else:
-        n = train.shape[0]
-        held = check_valid_size(n // VALID_FRACTION if valid_size is None else valid_size, n)
-        train, valid = train[: n - held], train[n - held :]
-    return build(
-        train,
-        valid,
-        rows["test"],
+    return RawSplits(
+        train=train,
+        test=rows["test"],
         image_shape=image_shape,
-        binarize=binarize,
-        pixels=pixels,
-        eps=eps,
-        seed=seed,
-        device=device,
+        default_valid=train.shape[0] // VALID_FRACTION,
+        valid=rows.get("valid"),
+        where=str(path),
     )
+
+
+#: Images from your .npz file (``root``: the file, or a folder holding ``data.npz``); see the
+#: module docstring for the layout and the split.
+load_npz = partial(load_dataset, read_user_npz)
 
 
 DATASETS.register("npz")(

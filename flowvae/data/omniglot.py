@@ -16,7 +16,7 @@ seeds.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,11 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .catalog import DATASETS, DatasetEntry, data_root
+from .catalog import DATASETS, DatasetEntry
 from .download import ensure_file
-from .images import ImageData, build, check_binarize, check_valid_size
-from .pixels import DEFAULT_EPS
+from .loader import Fetch, RawSplits, load_dataset
 
-__all__ = ["FILE", "MD5", "MIRRORS", "load_omniglot", "read_chardata"]
+__all__ = ["FILE", "MD5", "MIRRORS", "load_omniglot", "read_chardata", "read_omniglot"]
 
 FILE = "chardata.mat"
 MD5 = "21ecaf34373511aa7691cf2e0802aa3d"
@@ -93,59 +92,36 @@ def read_chardata(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
     return _images(path, mat, "data"), _images(path, mat, "testdata")
 
 
-def load_omniglot(
-    root: str | os.PathLike[str] | None = None,
-    valid_size: int | None = VALID_SIZE,
-    binarize: str = "dynamic",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    download: bool = True,
-    mirrors: Sequence[str] | None = None,
-    progress: bool = True,
-    pixels: str = "binary",
-    eps: float = DEFAULT_EPS,
-) -> ImageData:
-    """Omniglot from ``root`` (default ``$FLOWVAE_DATA/omniglot`` or ``~/.cache/flowvae/omniglot``),
-    downloading ``chardata.mat`` if it is missing; see the module docstring for the split."""
-    check_binarize(binarize)
-    root = data_root("omniglot") if root is None else Path(root).expanduser()
+def read_omniglot(fetch: Fetch) -> RawSplits:
+    """Omniglot's ``chardata.mat`` from the folder (downloaded if missing), the training images
+    shuffled as IWAE does."""
     path = ensure_file(
         FILE,
-        root,
+        fetch.folder("omniglot"),
         MD5,
         title="Omniglot",
-        mirrors=MIRRORS if mirrors is None else mirrors,
+        mirrors=MIRRORS if fetch.mirrors is None else fetch.mirrors,
         algorithm="md5",
-        download=download,
-        progress=progress,
+        download=fetch.download,
+        progress=fetch.progress,
     )
     train, test = read_chardata(path)
-    n = train.shape[0]
-    valid_size = check_valid_size(VALID_SIZE if valid_size is None else valid_size, n)
-    order = torch.from_numpy(np.random.RandomState(SHUFFLE_SEED).permutation(n))
-    train = train[order]
-    return build(
-        train[: n - valid_size],
-        train[n - valid_size :],
-        test,
-        image_shape=(SIDE, SIDE),
-        binarize=binarize,
-        pixels=pixels,
-        eps=eps,
-        seed=seed,
-        device=device,
-    )
+    order = torch.from_numpy(np.random.RandomState(SHUFFLE_SEED).permutation(train.shape[0]))
+    return RawSplits(train[order], test, (SIDE, SIDE), default_valid=VALID_SIZE)
 
 
-DATASETS.register("omniglot")(
-    DatasetEntry(
-        load=load_omniglot,
-        likelihood="bernoulli",
-        title="binarised Omniglot (28×28)",
-        source="Burda et al. 2016 (IWAE), " + MIRRORS[0] + FILE,
-        files=f"{FILE} (MD5 {MD5})",
-        split="24,345 train shuffled with RandomState(123), the last valid_size (default 1,345) "
-        "validate; 8,070 test",
-        preprocessing="28×28 grey levels in [0, 1]; Bernoulli, dynamic or static; valid/test once",
-    )
+#: Omniglot from ``root`` (default ``$FLOWVAE_DATA/omniglot`` or ``~/.cache/flowvae/omniglot``),
+#: downloading ``chardata.mat`` if it is missing; see the module docstring for the split.
+load_omniglot = partial(load_dataset, read_omniglot)
+
+ENTRY = DatasetEntry(
+    load=load_omniglot,
+    likelihood="bernoulli",
+    title="binarised Omniglot (28×28)",
+    source="Burda et al. 2016 (IWAE), " + MIRRORS[0] + FILE,
+    files=f"{FILE} (MD5 {MD5})",
+    split="24,345 train shuffled with RandomState(123), the last valid_size (default 1,345) "
+    "validate; 8,070 test",
+    preprocessing="28×28 grey levels in [0, 1]; Bernoulli, dynamic or static; valid/test once",
 )
+DATASETS.register("omniglot")(ENTRY)

@@ -4,9 +4,9 @@
 - ``vae``: a deep latent Gaussian model with an amortised flow posterior (the paper's Table 2).
 """
 
+from flowvae.catalog import DEFAULT_EXPERIMENT, EXPERIMENTS
 from flowvae.experiments import density, vae  # noqa: F401  (registration)
 from flowvae.experiments.base import (
-    EXPERIMENTS,
     EvalOptions,
     Experiment,
     ReportOptions,
@@ -14,9 +14,6 @@ from flowvae.experiments.base import (
     anneal_beta,
     gaussian_log_prob,
 )
-
-#: What a config without an ``experiment`` key fits.
-DEFAULT_EXPERIMENT = "density"
 
 __all__ = [
     "DEFAULT_EXPERIMENT",

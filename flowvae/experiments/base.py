@@ -15,16 +15,16 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from flowvae.catalog import EXPERIMENTS  # noqa: F401  (where experiments register)
 from flowvae.distributed import SINGLE, Shard
-from flowvae.registry import Registry
 
 LOG_2PI = 1.8378770664093453
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalOptions:
-    """What `flowvae eval` and `sweep` may ask for; each experiment reads the fields it knows and
-    falls back to its config for those left at None."""
+    """What `flowvae eval` and `sweep` may ask for (by keyword); each experiment reads the fields
+    it knows and falls back to its config for those left at None."""
 
     samples: int | None = None  # density: samples for KL(q‖p)
     iw_samples: int | None = None  # VAE: importance samples per image
@@ -62,8 +62,8 @@ class Experiment(Protocol):
     single_thread: ClassVar[bool]
     #: The train.anneal values it understands (what β_t may weigh).
     anneals: ClassVar[tuple[str, ...]]
-    #: Config sections it never reads, left out of the config a run writes.
-    unused: ClassVar[tuple[str, ...]]
+    #: The config sections it reads; the others are left out of the config a run writes.
+    sections: ClassVar[tuple[str, ...]]
     #: The training metric the progress line shows (a key of ``loss``'s metrics, in nats) and
     #: its name there, e.g. ("neg_elbo", "−ELBO").
     progress: ClassVar[tuple[str, str]]
@@ -79,6 +79,13 @@ class Experiment(Protocol):
     def __init__(self, cfg: Any, device: torch.device) -> None: ...
 
     @staticmethod
+    def check_config(cfg: Any) -> None:
+        """Refuse, with a one-line ConfigError, keys that do not apply to this experiment."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups (each with its lr) over the trainable parameters."""
+
+    @staticmethod
     def label(cfg: Any) -> str:
         """What is fitted (target or dataset name), for folder names and banners."""
 
@@ -92,7 +99,8 @@ class Experiment(Protocol):
         metrics as tensors (not synced)."""
 
     def validate(self) -> dict[str, float]:
-        """Held-out metrics; ``score`` (lower is better) selects best.pt."""
+        """Held-out metrics; ``score`` (lower is better) selects best.pt. Empty when nothing is
+        held out: then best.pt is the last checkpoint (never chosen on test data)."""
 
     def images(self) -> dict[str, Any]:
         """Name -> HxWx3 uint8 image for TensorBoard."""
@@ -111,14 +119,16 @@ class Experiment(Protocol):
         """Markdown lines (tables, links to pictures) for evaluated runs of this kind."""
 
 
-EXPERIMENTS: Registry = Registry("experiment")
-
-
 def anneal_beta(step: int, anneal_steps: int) -> float:
     """β_t = min(1, 0.01 + t / anneal_steps), the paper's free-energy schedule (1 when off)."""
     if anneal_steps <= 0:
         return 1.0
     return min(1.0, 0.01 + step / anneal_steps)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimiser updates, in the model's order."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def gaussian_log_prob(z: Tensor) -> Tensor:

@@ -15,12 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from flowvae import flows
+from flowvae.catalog import EXPERIMENTS
+from flowvae.errors import ConfigError
 from flowvae.experiments.base import (
-    EXPERIMENTS,
     EvalOptions,
     ReportOptions,
     SampleOptions,
     gaussian_log_prob,
+    trainable,
 )
 from flowvae.targets import TARGETS, Target
 
@@ -82,7 +84,7 @@ class DensityExperiment:
     eval_keys += ["samples"]
     single_thread = True
     anneals = ("joint",)  # an energy has no likelihood term to keep out of the annealing
-    unused = ("data",)
+    sections = ("target", "flow", "model", "train", "eval")
     progress = ("kl_estimate", "KL")
     score_label = "val KL"
     eval_options = frozenset({"--samples", "--seed", "--device", "--json"})
@@ -95,6 +97,17 @@ class DensityExperiment:
         stack = flows.build(cfg.flow.name, 2, cfg.flow.k, amortized=False, **cfg.flow.options)
         self.model = FlowDensity(stack, dim=2, learn_base=cfg.model.base == "diagonal").to(device)
         self.device = device
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        if cfg.train.flow_lr_scale != 1.0:
+            raise ConfigError(
+                "config key train.flow_lr_scale scales the flow parameters an encoder produces, "
+                "which only a VAE with an amortised flow has, not a density fit — remove the key"
+            )
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": trainable(self.model), "lr": self.cfg.train.lr}]
 
     @staticmethod
     def label(cfg) -> str:

@@ -14,11 +14,9 @@ experiment for pixels in (0, 1).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,28 +24,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowvae import flows, psis
-from flowvae.distributed import gather_results
-from flowvae.errors import CheckpointError
+from flowvae.catalog import EXPERIMENTS
+from flowvae.data import DATASETS
+from flowvae.errors import ConfigError, DataError
 from flowvae.experiments.base import (
-    EXPERIMENTS,
     EvalOptions,
     ReportOptions,
     SampleOptions,
     gaussian_log_prob,
+    trainable,
 )
+from flowvae.importance import sharded_importance_nll
 from flowvae.likelihoods import LIKELIHOODS
-from flowvae.likelihoods import bernoulli_log_lik as bernoulli_log_lik  # re-exported
 from flowvae.nets import mlp
-from flowvae.paper import PaperTable
+from flowvae.tables import PAIRED_INTRO, nll_table, paired_table
 
 #: Share of images with Pareto k̂ > 0.7 above which `flowvae eval` warns that the -log p(x)
 #: estimate is unreliable (a few such images barely move a mean over thousands).
 UNRELIABLE_SHARE = 0.01
-
-#: Decoder rows per importance-sampling pass. On CPU, passes of a few thousand rows are as fast as
-#: larger ones and avoid fresh page-faulting allocations of tens of MB per layer (measured in
-#: docs/benchmarks.md); on a GPU larger passes keep the device busy.
-MAX_ROWS = {"cpu": 4000, "cuda": 65536}
 
 
 class FlowVAE(nn.Module):
@@ -150,6 +144,19 @@ def free_energy(terms: dict[str, Tensor], beta: float) -> Tensor:
 ANNEALED = {"joint": free_energy, "kl": kl_warmup_free_energy}
 
 
+def flow_head_groups(model: FlowVAE, lr: float, flow_lr_scale: float) -> list[dict[str, Any]]:
+    """The trainable parameters at ``lr``, the encoder's flow head at ``lr · flow_lr_scale``
+    (one group when the scale is 1)."""
+    params = trainable(model)
+    if flow_lr_scale == 1.0:
+        return [{"params": params, "lr": lr}]
+    ids = {id(p) for p in model.flow_head.parameters()}  # check_config says there is one
+    return [
+        {"params": [p for p in params if id(p) not in ids], "lr": lr},
+        {"params": [p for p in params if id(p) in ids], "lr": lr * flow_lr_scale},
+    ]
+
+
 def negative_elbo(model: FlowVAE, x: Tensor, batch_size: int = 1000) -> Tensor:
     """-ELBO per image (one sample each)."""
     out = []
@@ -157,103 +164,6 @@ def negative_elbo(model: FlowVAE, x: Tensor, batch_size: int = 1000) -> Tensor:
         terms = model(x[start : start + batch_size])
         out.append(free_energy(terms, 1.0))
     return torch.cat(out)
-
-
-def _repeat_rows(t: Tensor | None, s: int) -> Tensor | None:
-    """(n, d) -> (n*s, d) with each row repeated s times in a row."""
-    if t is None:
-        return None
-    n, d = t.shape
-    return t.unsqueeze(1).expand(n, s, d).reshape(n * s, d)
-
-
-class ImportanceSample(NamedTuple):
-    nll: Tensor  # (n,) -log (1/S Σ_s w_s)
-    neg_elbo: Tensor  # (n,) -(1/S) Σ_s log w_s
-    log_w: Tensor  # (n, S) the log-weights themselves, for diagnostics
-
-
-def importance_nll(
-    model: FlowVAE,
-    x: Tensor,
-    samples: int,
-    max_rows: int = 4000,
-    generator: torch.Generator | None = None,
-) -> ImportanceSample:
-    """Per-image -log p(x) ≈ -log (1/S Σ_s p(x, z_s)/q(z_s|x)) with exactly S samples, and -ELBO.
-
-    The encoder runs once per image; samples are processed in chunks of at most ``max_rows``
-    decoder rows and combined with logsumexp, so any S fits in memory.
-    """
-    n = x.shape[0]
-    mu, sigma, params = model.encode(x)
-    per_chunk = max(1, min(samples, max_rows // max(1, n)))
-    running = None
-    elbo_sum = torch.zeros(n, device=x.device, dtype=mu.dtype)
-    chunks = []
-    done = 0
-    while done < samples:
-        s = min(per_chunk, samples - done)
-        eps = torch.randn(
-            n * s, model.latent_dim, device=x.device, dtype=mu.dtype, generator=generator
-        )
-        mu_r, sigma_r = (_repeat_rows(t, s) for t in (mu, sigma))
-        # One image per chunk (S > max_rows / 2): its flow parameters go in as one row that every
-        # sample shares, not S copies, so a deep planar stack builds its coupling matrices once
-        # rather than per sample (S = 5,000 at K = 80 in half the time).
-        params_r = params if n == 1 else _repeat_rows(params, s)
-        terms = model.log_weights(x.unsqueeze(1), mu_r, sigma_r, params_r, eps)
-        log_w = (terms["log_px"] + terms["log_pz"] - terms["log_q"]).view(n, s)
-        chunks.append(log_w)
-        elbo_sum += log_w.sum(1)
-        chunk_lse = torch.logsumexp(log_w, dim=1)
-        running = chunk_lse if running is None else torch.logaddexp(running, chunk_lse)
-        done += s
-    nll = -(running - math.log(samples))
-    return ImportanceSample(nll, -elbo_sum / samples, torch.cat(chunks, dim=1))
-
-
-def weight_diagnostics(log_w: Tensor) -> dict[str, Tensor]:
-    """Per image: the Pareto k̂ and effective sample size of its importance weights, and the
-    Pareto-smoothed -log p(x) (float64)."""
-    log_w = log_w.double()
-    smoothed, khat = psis.psis(log_w)
-    log_s = math.log(log_w.shape[1])
-    nll_psis = -(torch.logsumexp(smoothed, dim=1) - log_s)
-    return {"khat": khat, "ess": psis.ess(log_w), "nll_psis": nll_psis}
-
-
-def chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
-    """The noise stream of one evaluation chunk: fixed by (seed, chunk index) alone, so the
-    result does not depend on how chunks are spread over processes."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + chunk)
-
-
-def sharded_importance_nll(
-    model: FlowVAE, data: Tensor, options: EvalOptions, samples: int
-) -> dict[str, Tensor]:
-    """Per image of ``data`` (float64, CPU): -log p(x) ("nll"), -ELBO ("neg_elbo") and the
-    weight diagnostics of ``weight_diagnostics``.
-
-    Images are taken in chunks of max_rows // S; under torchrun each process evaluates every
-    world-th chunk and the per-image results are gathered, equal to a single process's.
-    """
-    max_rows = options.max_rows or MAX_ROWS.get(data.device.type, MAX_ROWS["cpu"])
-    shard = options.shard
-    per_chunk = max(1, max_rows // samples)
-    starts = list(range(0, data.shape[0], per_chunk))
-    results: dict[int, dict[str, Tensor]] = {}
-    with torch.inference_mode():
-        for i, lo in enumerate(starts[shard.rank :: shard.world]):
-            gen = chunk_generator(options.seed, lo // per_chunk, data.device)
-            est = importance_nll(model, data[lo : lo + per_chunk], samples, max_rows, gen)
-            per_image = {"nll": est.nll, "neg_elbo": est.neg_elbo, **weight_diagnostics(est.log_w)}
-            results[lo] = {key: v.double().cpu() for key, v in per_image.items()}
-            if options.progress is not None:
-                done = min((i + 1) * per_chunk * shard.world, data.shape[0])
-                options.progress(done, data.shape[0])
-    results = gather_results(results, shard)
-    return {key: torch.cat([results[lo][key] for lo in starts]) for key in results[starts[0]]}
 
 
 @EXPERIMENTS.register("vae")
@@ -264,7 +174,7 @@ class VAEExperiment:
     eval_keys += ["bits_per_dim", "bits_per_dim_stderr", "bits_per_dim_8bit"]
     single_thread = False
     anneals = tuple(ANNEALED)
-    unused = ("target",)
+    sections = ("data", "flow", "model", "train", "eval")
     progress = ("neg_elbo", "−ELBO")
     score_label = "val −ELBO"
     eval_options = frozenset(
@@ -276,8 +186,6 @@ class VAEExperiment:
     default_samples = 64  # an 8 × 8 grid: thumbnails big enough to see
 
     def __init__(self, cfg, device: torch.device) -> None:
-        from flowvae.data import DATASETS
-
         self.cfg = cfg
         self.device = device
         entry = DATASETS.get(cfg.data.name)
@@ -309,6 +217,23 @@ class VAEExperiment:
         ).to(device)
 
     @staticmethod
+    def check_config(cfg) -> None:
+        amortised_head = cfg.flow.amortized and cfg.flow.k > 0
+        if cfg.train.flow_lr_scale != 1.0 and not amortised_head:
+            raise ConfigError(
+                "config key train.flow_lr_scale scales the encoder's flow head, which only a VAE "
+                "with an amortised flow (flow.amortized: true, flow.k > 0) has — remove the key"
+            )
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The parameters at lr, and the encoder's flow head at lr · train.flow_lr_scale.
+
+        Adam moves every head output by about lr per update whatever K is, so the map of K
+        layers moves about K times as far as one layer's: the scale gives a deep stack a
+        smaller step."""
+        return flow_head_groups(self.model, self.cfg.train.lr, self.cfg.train.flow_lr_scale)
+
+    @staticmethod
     def label(cfg) -> str:
         return cfg.data.name
 
@@ -329,7 +254,9 @@ class VAEExperiment:
         return loss, metrics
 
     def validate(self) -> dict[str, float]:
-        x = self.data.valid if self.data.valid.shape[0] else self.data.test[:1000]
+        x = self.data.valid
+        if x.shape[0] == 0:  # data.valid_size: 0 holds nothing out; the test set chooses nothing
+            return {}
         with torch.inference_mode():
             neg_elbo = float(negative_elbo(self.model, x, self.cfg.eval.batch_size).mean())
         return {"score": neg_elbo, "neg_elbo": neg_elbo}
@@ -353,11 +280,19 @@ class VAEExperiment:
         if options.limit is not None:
             data = data[: options.limit]
         if data.shape[0] == 0:
-            raise CheckpointError(
+            raise DataError(
                 f"the {options.split} split is empty (data.valid_size = 0?) — use --split test"
             )
         start = time.perf_counter()
-        per_image = sharded_importance_nll(self.model, data, options, samples)
+        per_image = sharded_importance_nll(
+            self.model,
+            data,
+            samples,
+            seed=options.seed,
+            max_rows=options.max_rows,
+            shard=options.shard,
+            progress=options.progress,
+        )
         nll, nelbo = per_image["nll"], per_image["neg_elbo"]
         n = nll.numel()
         nll_stderr = float(nll.std()) / math.sqrt(n) if n > 1 else float("nan")
@@ -423,7 +358,6 @@ class VAEExperiment:
     def report(cls, rows: list[dict], options: ReportOptions) -> list[str]:
         """One section per dataset and likelihood, each with its paper table and -log p(x) plot
         (one plot: --plot itself; several: --plot's name with -<dataset>-<likelihood>)."""
-        from flowvae.data import DATASETS
         from flowvae.plots import nll_plot
 
         groups: dict[tuple[str, str], list[dict]] = {}
@@ -444,113 +378,3 @@ class VAEExperiment:
                 nll_plot(group, plot, entry.paper)
                 lines += [f"![-log p(x) against K]({plot.name})", ""]
         return lines
-
-
-#: Report columns of continuous data (their eval.json has them), after -log p(x).
-BITS_COLUMNS = [("bits_per_dim", "bits/dim"), ("bits_per_dim_8bit", "bits/dim (8-bit)")]
-
-
-def nll_table(rows: list[dict], paper: PaperTable | None = None) -> str:
-    """One row per run: the bound, the estimate, whether its importance weights can be trusted
-    (share of images with Pareto k̂ > 0.7, median ESS of S), the value of the paper's table
-    ``paper`` (if any), the cost. Continuous data adds bits/dim, over
-    x ∈ (ε, 1 − ε) and over the dequantised 256-level pixels (flowvae.likelihoods)."""
-    from flowvae.paper import flow_rank
-
-    bits = [(key, head) for key, head in BITS_COLUMNS if all(key in r for r in rows)]
-    # sweep --iw-samples 200 --iw-samples 5000: one more estimate per extra S
-    extra = sorted({int(s) for r in rows for s in r.get("by_samples", {})})
-    head = ["run", "flow", "K", "split", "−ELBO", "−log p(x) ± s.e.", *(h for _, h in bits)]
-    head += ["IS samples"]
-    head += [f"−log p(x), S = {s:,}" for s in extra]
-    head += ["k̂ > 0.7", "median ESS", "paper −log p(x)", "steps", "train min", "hardware"]
-    lines = [
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---", "---", "---:", "---", *["---:"] * (len(head) - 5), "---"]) + "|",
-    ]
-    for r in sorted(rows, key=lambda r: (*flow_rank(r["flow"]), r["k"])):
-        seconds = r["info"].get("train_seconds")
-        khat = f"{r['khat_over_0_7']:.1%}" if "khat_over_0_7" in r else "—"
-        ess = f"{r['ess_median']:.1f}" if "ess_median" in r else "—"
-        cells = [
-            Path(r["run"]).name if "run" in r else "—",
-            "none" if r["k"] == 0 else r["flow"],
-            str(r["k"]),
-            r.get("split", "test"),
-            f"{r['neg_elbo']:.2f}",
-            f"{r['nll']:.2f} ± {r['nll_stderr']:.2f}",
-            *(f"{r[key]:.3f}" for key, _ in bits),
-            str(r["iw_samples"]),
-            *(_estimate(r.get("by_samples", {}).get(str(s))) for s in extra),
-            khat,
-            ess,
-            # the paper's numbers are test numbers: a validation run is not set beside them
-            paper.cell(r["flow"], r["k"]) if paper and r.get("split", "test") == "test" else "—",
-            str(r["info"].get("steps", r.get("step", "?"))),
-            f"{seconds / 60:.1f}" if seconds is not None else "?",
-            str(r["info"].get("hardware", "?")),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-PAIRED_INTRO = (
-    "Differences in −log p(x) between runs scored on the same images, image by image "
-    "(positive: the second run is better), ± the standard error of the per-image differences:"
-)
-
-
-def paired_table(rows: list[dict]) -> str | None:
-    """Each flow against the flow-free model and its own next-shorter K, and the families
-    against each other at equal K, from the per-image estimates of runs on the same images.
-
-    Two runs scored on the same images share most of their spread (some images are hard for
-    every model), so the standard error of the per-image differences is a fraction of the
-    runs' own standard errors: it says whether one K beats another, which theirs cannot."""
-    lines = []
-    for split, label, a, b in _pairs(rows):
-        x, y = torch.tensor(a["nll_per_image"]), torch.tensor(b["nll_per_image"])
-        if x.shape != y.shape or a["iw_samples"] != b["iw_samples"]:
-            continue
-        diff = (x - y).double()
-        mean, stderr = float(diff.mean()), float(diff.std()) / math.sqrt(diff.numel())
-        lines.append(
-            f"| {label} | {split} | {a['iw_samples']} | {mean:+.2f} ± {stderr:.2f} "
-            f"| {mean / stderr:+.1f} |"
-        )
-    if not lines:
-        return None
-    head = "| comparison | split | IS samples | difference (nats) | difference / s.e. |"
-    return "\n".join([head, "|---|---|---:|---:|---:|", *lines])
-
-
-def _pairs(rows: list[dict]) -> list[tuple[str, str, dict, dict]]:
-    """(split, label, run, the run it is compared with) for paired_table."""
-    from flowvae.paper import flow_rank
-
-    found: dict[tuple[str, str, int], list[dict]] = {}
-    for r in rows:
-        flow = "none" if r["k"] == 0 else r["flow"]
-        if "nll_per_image" in r:
-            found.setdefault((r.get("split", "test"), flow, r["k"]), []).append(r)
-    # A (flow, K) evaluated more than once (seeds, a longer preview) has no single partner.
-    runs = {key: group[0] for key, group in found.items() if len(group) == 1}
-    pairs = []
-    for split in sorted({s for s, *_ in runs}):
-        at = {(f, k): r for (s, f, k), r in runs.items() if s == split}
-        flows = sorted({f for f, _ in at if f != "none"}, key=flow_rank)
-        for flow in flows:
-            chain = [at[("none", 0)]] if ("none", 0) in at else []
-            chain += [at[key] for key in sorted(key for key in at if key[0] == flow)]
-            for a, b in itertools.pairwise(chain):
-                pairs.append((split, f"{flow}: K = {a['k']} → {b['k']}", a, b))
-        for first, second in itertools.combinations(flows, 2):
-            for k in sorted(k for f, k in at if f == first and (second, k) in at):
-                pairs.append(
-                    (split, f"K = {k}: {second} → {first}", at[(second, k)], at[(first, k)])
-                )
-    return pairs
-
-
-def _estimate(result: dict | None) -> str:
-    return f"{result['nll']:.2f} ± {result['nll_stderr']:.2f}" if result else "—"

@@ -12,8 +12,10 @@ as ‖w‖ → 0; with a free offset b the layer then translates z by up to ~tan
 that emits a small w for some input sends that input's latent code arbitrarily far away, which
 is how amortised planar VAEs blow up. flowvae therefore parameterises the offset in z units,
 b = ‖w‖·b̃, i.e. tanh(‖w‖(ŵᵀz + b̃)): the same family of maps, but since |tanh(x)| <= |x| the
-displacement is bounded by ‖u‖ + |m - wᵀu|·(|ŵᵀz| + |b̃|) whatever ‖w‖ is. In floating point softplus(x) underflows to 0 for x ≲ -745 (float64) and
-the layer would become singular, so flowvae keeps a margin: m(x) = -1 + softplus(x) + SLACK.
+displacement is bounded by ‖u‖ + |m - wᵀu|·(|ŵᵀz| + |b̃|) whatever ‖w‖ is.
+
+In floating point softplus(x) underflows to 0 for x ≲ -745 (float64) and the layer would become
+singular, so flowvae keeps a margin: m(x) = -1 + softplus(x) + SLACK.
 The log-det is then written as log(t² + s·(1 - t²)) with t = tanh(a), s = softplus(wᵀu) + SLACK,
 which is 1 + m·tanh'(a) without cancellation. The inverse solves the scalar equation
 a + m·tanh(a) = wᵀy + b (strictly increasing in a) with safeguarded Newton steps.
