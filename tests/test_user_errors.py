@@ -388,7 +388,7 @@ def test_keys_lists_the_allowed_values(run_cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.replace("│", " ").split())  # a wrapped cell, joined again
     for choices in (
-        "adam, adamax, rmsprop",
+        "adam, rmsprop",
         "constant, cosine",
         "maxout, relu, tanh, softplus, elu",
         "standard, diagonal",
