@@ -201,3 +201,33 @@ def _command() -> str:
     if argv[0] == "__main__.py":  # python -m flowvae
         argv[0] = "flowvae"
     return " ".join(argv)
+
+
+# -- handing a held lock to a child process ---------------------------------------------------
+
+
+def held_descriptor(out_dir: str | Path) -> int | None:
+    """The descriptor of this process's lock on ``out_dir`` (None when it holds none), for a
+    parallel sweep to pass to the worker process it starts on that run (``subprocess``'s
+    ``pass_fds``): the lock belongs to the open file, so parent and worker then hold it
+    together, and no third process can take the folder between the two."""
+    with _registry:
+        hold = _held.get(Path(out_dir).resolve())
+    return None if hold is None else hold.fd
+
+
+def adopt(out_dir: str | Path, fd: int) -> None:
+    """Count the inherited descriptor ``fd`` as this process's hold on ``out_dir`` (a worker
+    of a parallel sweep), so that ``hold_run_folder`` there nests in it instead of being
+    refused by its own parent. The worker never clears the holder line: its parent does."""
+    folder = Path(out_dir)
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(folder / LOCK_NAME))
+    except OSError:
+        same = False
+    if not same:
+        raise ConfigError(
+            f"descriptor {fd} is not the lock of {folder} — start the run with `flowvae sweep`"
+        )
+    with _registry:
+        _held[folder.resolve()] = _Hold(fd, pid=-1, depth=1)
