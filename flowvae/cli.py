@@ -426,7 +426,7 @@ def sweep(
     if point is not None:
         become_worker(out_root / point)
     if jobs > 1 and point is None:
-        todo = prepare(config, grid or [], out_root, list(set_ or []), parts)
+        todo = prepare(config, grid or [], out_root, list(set_ or []), parts, log)
         bar = None if no_progress or not err.is_terminal else _grid_bar()
         args = (jobs, threads_per_job, worker_args, wanted.complete, log, bar)
         result = parallel_sweep(todo, out_root, *args)

@@ -46,6 +46,7 @@ class _Hold:
 
 
 _held: dict[Path, _Hold] = {}  # resolved folder -> this process's hold on it
+_unlocked: set[Path] = set()  # resolved folders "held" without a lock (no flock there)
 _registry = threading.Lock()
 
 
@@ -127,6 +128,7 @@ def _acquire(folder: Path) -> int:
             "another with --out"
         ) from None
     if fcntl is None:
+        _unlocked.add(folder.resolve())
         return fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -135,6 +137,7 @@ def _acquire(folder: Path) -> int:
         os.close(fd)
         raise RunFolderBusy(_busy_message(folder, info)) from None
     except OSError:  # ENOLCK and kin: this filesystem cannot lock; run unlocked, as on Windows
+        _unlocked.add(folder.resolve())
         return fd
     _write_holder_line(fd)
     return fd
@@ -231,3 +234,9 @@ def adopt(out_dir: str | Path, fd: int) -> None:
         )
     with _registry:
         _held[folder.resolve()] = _Hold(fd, pid=-1, depth=1)
+
+
+def unlocked(out_dir: str | Path) -> bool:
+    """Whether this process's hold on ``out_dir`` came without a lock (Windows, or a mount
+    that refuses flock, e.g. Lustre with -o noflock): other writers are not kept out there."""
+    return Path(out_dir).resolve() in _unlocked

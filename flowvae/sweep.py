@@ -14,7 +14,7 @@ from pathlib import Path
 from flowvae import checkpoint
 from flowvae.config import Config, from_dict, load_config, parse_override, read_yaml, to_dict
 from flowvae.errors import CheckpointError, ConfigError, RunFolderBusy
-from flowvae.runlock import hold_run_folder, holder
+from flowvae.runlock import hold_run_folder, holder, unlocked
 
 
 @dataclass
@@ -214,6 +214,7 @@ def prepare(
     out_root: Path,
     overrides: list[str],
     shard: GridShard | None = None,
+    log: Callable[[str], None] | None = None,  # says when this shard holds no run
 ) -> list[tuple[GridPoint, Config]]:
     """The grid's points and their configs (this shard's part of them), each checked against
     the run folder it would continue. Every point of the whole grid is validated, so that a
@@ -229,7 +230,18 @@ def prepare(
                 f"({'; '.join(changes[:2])}{more}) — move that folder away, or choose another --out"
             )
     pairs = list(zip(points, loaded))
-    return shard.take(pairs) if shard is not None else pairs
+    if shard is None:
+        return pairs
+    if not shard.take(pairs) and log is not None:
+        log(f"shard {shard.index}/{shard.count} holds none of this grid's {len(pairs)} runs")
+    return shard.take(pairs)
+
+
+#: What a sweep says where a run folder cannot be locked (see flowvae.runlock).
+UNLOCKED = (
+    "two sweeps on this --out could train the same run at once — give each its own "
+    "--shard, or run one sweep (docs/clusters.md)"
+)
 
 
 @dataclass
@@ -255,7 +267,7 @@ def sweep(
     (here or on another machine sharing the folder) is writing is passed over, and looked at
     once more after the others, when it may have finished, or been freed by a holder that
     died (then this sweep resumes it)."""
-    todo = prepare(configs, grid, out_root, overrides, shard)
+    todo = prepare(configs, grid, out_root, overrides, shard, log)
     if only is not None:
         todo = [(p, c) for p, c in todo if p.name == only]
         if not todo:
@@ -294,6 +306,8 @@ def run_point(
             info = holder(run_dir) or {}
             log(f"{run_dir.name}: being written by pid {info.get('pid', '?')} — passed over")
             return False
+        if unlocked(run_dir):
+            log(f"warning: {run_dir} cannot be locked here, so {UNLOCKED}")
         status = run_status(run_dir, cfg.train.steps, complete)
         log(f"{run_dir.name}: {status}")
         previous = read_eval(run_dir)

@@ -29,7 +29,7 @@ from pathlib import Path
 from flowvae import runlock
 from flowvae.config import Config
 from flowvae.errors import FlowvaeError, RunFolderBusy, TrainingError
-from flowvae.sweep import GridPoint, SweepResult, run_status
+from flowvae.sweep import UNLOCKED, GridPoint, SweepResult, run_status
 
 #: The environment variable that hands a worker its run folder's lock: the descriptor number.
 LOCK_ENV = "FLOWVAE_RUN_LOCK"
@@ -93,30 +93,42 @@ class GridDisplay:
 
     def __init__(self, total: int, log: Callable[[str], None], progress) -> None:
         self.total, self.done, self.log, self.bar = total, 0, log, progress
+        self.failed = 0
         self.ran: list[float] = []  # seconds of the runs this sweep ran to the end
         self.start = time.monotonic()
-        self.task = progress.add_task("grid", total=total) if progress is not None else None
+        self.task = None
+        if progress is not None:
+            self.task = progress.add_task(self.counts(0), total=total)
 
     def counts(self, running: int) -> str:
-        left = self.total - self.done - running
-        return f"{self.done}/{self.total} done · {running} running · {left} left"
+        left = self.total - self.done - self.failed - running
+        failed = f" · {self.failed} failed" if self.failed else ""
+        return f"{self.done}/{self.total} done · {running} running · {left} left{failed}"
 
     def eta(self, running: list[Job], jobs: int) -> str:
         if not self.ran:
             return "ETA ?"
         mean = sum(self.ran) / len(self.ran)
         now = time.monotonic()
-        left = self.total - self.done - len(running)
+        left = self.total - self.done - self.failed - len(running)
         work = left * mean + sum(max(mean - (now - j.started), 0.0) for j in running)
         return f"ETA {_duration(work / max(1, jobs))}"
 
+    def status(self, running: list[Job], jobs: int) -> str:
+        return f"{self.counts(len(running))} · {self.eta(running, jobs)}"
+
     def event(self, message: str, running: list[Job], jobs: int) -> None:
-        status = f"{self.counts(len(running))} · {self.eta(running, jobs)}"
         if self.bar is None:
-            self.log(f"[{status}] {message}")
+            self.log(f"[{self.status(running, jobs)}] {message}")
             return
-        self.bar.update(self.task, completed=self.done, description=status)
-        self.bar.console.print(message, highlight=False)
+        self.tick(running, jobs)
+        self.bar.console.print(message, highlight=False, soft_wrap=True)
+
+    def tick(self, running: list[Job], jobs: int) -> None:
+        """Bring the bar's counts and ETA up to date (a line per event has no bar)."""
+        if self.bar is not None:
+            status = self.status(running, jobs)
+            self.bar.update(self.task, completed=self.done, description=status)
 
 
 def _duration(seconds: float) -> str:
@@ -140,22 +152,28 @@ class Scheduler:
     complete: Callable[[dict], bool]
     display: GridDisplay
     running: list[Job] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # run, its last line
     caught: list[int] = field(default_factory=list)
     stopped: int = 0  # workers a signal stopped
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.caught or self.failed)
 
     def run(self) -> SweepResult:
         with self._signals_caught():
             busy = self._drain(collections.deque(self.todo))
             # Come back once to the runs others held: finished by now, or freed by a holder
             # that died (then resumed here).
-            left = self._drain(collections.deque(busy)) if busy and not self.caught else busy
+            left = self._drain(collections.deque(busy)) if busy and not self.stopping else busy
         if self.caught:
             raise GridInterrupted(self.caught[0], self.stopped)
         if self.failed:
+            name, said = self.failed[0]
+            others = f" (and {', '.join(n for n, _ in self.failed[1:])})" if self.failed[1:] else ""
             raise TrainingError(
-                f"sweep: {len(self.failed)} of {len(self.todo)} runs failed: "
-                f"{'; '.join(self.failed)}"
+                f"sweep: {name}{others} failed, so no further run was started; {name} said: "
+                f"{said} — see {self.out_root / name / LOG_NAME}"
             )
         return SweepResult(
             [self.out_root / p.name for p, _ in self.todo],
@@ -166,12 +184,16 @@ class Scheduler:
         """Start runs while workers are free, until the queue is empty and all have ended;
         returns the runs another process held."""
         busy = []
-        while (queue and not self.caught) or self.running:
-            while queue and len(self.running) < self.jobs and not self.caught:
+        # Like a sweep of one run at a time, a failed run stops the grid: the runs started
+        # are finished, and no more are started (a cause such as a wrong device would fail
+        # every one of them).
+        while (queue and not self.stopping) or self.running:
+            while queue and len(self.running) < self.jobs and not self.stopping:
                 point, cfg = queue.popleft()
                 if not self._start(point, cfg):
                     busy.append((point, cfg))
             self._reap()
+            self.display.tick(self.running, self.jobs)
             time.sleep(0.1)
         return busy
 
@@ -190,6 +212,9 @@ class Scheduler:
             )
             return False
         with hold:
+            if runlock.unlocked(run_dir):
+                self.display.event(f"warning: {run_dir} cannot be locked here, so {UNLOCKED}",
+                                   self.running, self.jobs)  # fmt: skip
             if run_status(run_dir, cfg.train.steps, self.complete) == "done":
                 self.display.done += 1
                 self.display.event(f"{point.name}: done", self.running, self.jobs)
@@ -239,7 +264,8 @@ class Scheduler:
                 self.stopped += 1
                 message = f"{job.name}: stopped (exit {code}); resumes on the next sweep"
             else:
-                self.failed.append(f"{job.name} (exit {code}: {_last_line(job.run_dir)})")
+                self.failed.append((job.name, _last_line(job.run_dir)))
+                self.display.failed += 1
                 message = f"{job.name}: failed (exit {code}) — see {job.run_dir / LOG_NAME}"
             self.display.event(message, self.running, self.jobs)
 

@@ -93,6 +93,32 @@ def test_a_bad_shard_is_one_line_and_writes_nothing(tmp_path, cli_in_process):
     assert not out.exists()
 
 
+def test_a_folder_that_cannot_be_locked_is_said(tmp_path, cli_in_process, monkeypatch):
+    """A mount that refuses flock (Lustre -o noflock: ENOSYS) runs unlocked, and says that
+    sweeps sharing it could train a run twice."""
+    import errno
+
+    from flowvae import runlock
+
+    def refuse(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", refuse)
+    out = tmp_path / "grid"
+    result = cli_in_process(*tiny_sweep(out, 10, "--grid", "seed=0"), "--samples", "100")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {out / 'seed0'} cannot be locked here" in result.stderr, result.stderr
+    assert "--shard" in result.stderr and (out / "seed0" / "eval.json").exists()
+
+
+def test_a_shard_with_no_runs_ends_at_once(tmp_path, cli_in_process):
+    out = tmp_path / "grid"
+    result = cli_in_process(*tiny_sweep(out, 10, "--grid", "seed=0,1"), "--shard", "2/3")
+    assert result.returncode == 0, result.stderr
+    assert "shard 2/3 holds none of this grid's 2 runs" in result.stderr, result.stderr
+    assert not out.exists()
+
+
 # -- through the CLI -----------------------------------------------------------------------------
 
 
