@@ -379,8 +379,8 @@ def sweep(
     resumed by whichever sweep comes to it. --shard splits the grid in fixed parts instead.
 
     With --jobs N each run gets the CPUs this process may use divided by the runs that run at
-    once (at least one thread; --threads-per-job sets it), and computes what it computes run
-    alone with that many threads.
+    once (at least one thread; --threads-per-job sets it), and gives the numbers it gives when
+    run alone with that many threads.
     """
     from flowvae.errors import ConfigError
     from flowvae.experiments import EvalOptions
