@@ -3,7 +3,14 @@ PYTHON ?= python
 FLOWVAE ?= $(PYTHON) -m flowvae
 RUN ?= runs/energy-U1-planar-k32
 
-.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3
+.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3 table2-runs bench-sweep
+
+# Runs at once in the grids below (`flowvae sweep --jobs`), each on cores/JOBS threads. Default:
+# one per core, each run on one thread. On the 2-core development machine one run on two threads
+# does about 1.6 times the updates of a one-thread run, so two one-thread runs side by side do
+# about 2/1.6 = 1.25 times the work (`make bench-sweep` measures it; docs/benchmarks.md).
+# JOBS=1 runs the grid one run after another in one process, as before.
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
 setup: install train
 
@@ -55,10 +62,10 @@ FIG3_OUT ?= runs/figure3
 figure3:
 	$(FLOWVAE) sweep --config configs/energy.yaml --grid target.name=U1,U2,U3,U4 \
 		--grid flow.name=planar,radial --grid flow.k=2,8,32 --grid seed=0,1 \
-		--checkpoint last --out $(FIG3_OUT) --no-progress
+		--checkpoint last --out $(FIG3_OUT) --no-progress --jobs $(JOBS)
 	$(FLOWVAE) sweep --config configs/energy-nice.yaml --grid target.name=U1,U2,U3,U4 \
 		--grid flow.name=nice --grid flow.k=2,8,32 --grid seed=0,1 \
-		--checkpoint last --out $(FIG3_OUT) --no-progress
+		--checkpoint last --out $(FIG3_OUT) --no-progress --jobs $(JOBS)
 	$(FLOWVAE) report $(FIG3_OUT) --out docs/figure3.md --figure docs/figure3.png
 
 # MNIST at the documented budget (docs/results.md): planar K in {0, 10, 40} and NICE K = 10.
@@ -73,13 +80,25 @@ mnist-results:
 # S = 5,000 on the test set from its best.pt (chosen on validation data). Finished rows are
 # skipped and interrupted ones resumed; TABLE2_ROWS picks rows, e.g.
 #   make table2 TABLE2_ROWS=configs/table2/planar-k10.yaml
+# `make table2-runs` trains and evaluates only (TABLE2_SET and TABLE2_EVAL change the budget, as
+# `make bench-sweep` does), without copying into docs/.
 TABLE2_OUT ?= runs/table2
 TABLE2_ROWS ?= $(sort $(wildcard configs/table2/*.yaml))
-table2:
-	$(FLOWVAE) sweep $(foreach row,$(TABLE2_ROWS),--config $(row)) --out $(TABLE2_OUT) \
-		--iw-samples 200 --iw-samples 5000 --no-progress
+TABLE2_SET ?=
+TABLE2_EVAL ?= --iw-samples 200 --iw-samples 5000
+table2: table2-runs
 	for run in $(TABLE2_OUT)/*/; do [ ! -f $$run/eval.json ] || $(MAKE) -s keep KEEP_RUN=$${run%/} KEEP_AS=table2; done
 	$(FLOWVAE) report docs/runs/table2 --out docs/table2.md --plot docs/figure4.png
+
+table2-runs:
+	$(FLOWVAE) sweep $(foreach row,$(TABLE2_ROWS),--config $(row)) --out $(TABLE2_OUT) \
+		$(TABLE2_SET) $(TABLE2_EVAL) --no-progress --jobs $(JOBS)
+
+# A reduced Table 2 (nine rows, 3,000 updates each, S = 200 on 2,000 test images) one run after
+# another on two threads, then with --jobs 2: wall times and their ratio into
+# benchmarks/results-sweep-jobs.md (about 25 minutes on 2 cores; needs a quiet machine).
+bench-sweep:
+	benchmarks/sweep_jobs.sh
 
 # The numbers the docs quote, kept in the repository: a run's eval.json (with its per-image
 # estimates), run.json and config.yaml, not its checkpoints, under docs/runs/<table>/, so that

@@ -401,19 +401,60 @@ def sweep(
         ),
     ] = "test",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="VAE runs: evaluate only the first N images."),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Runs at once, each in a process of its own with its output in RUN/log.txt.",
+        ),
+    ] = 1,
+    threads_per_job: Annotated[
+        int | None,
+        typer.Option(
+            "--threads-per-job",
+            min=1,
+            help="Threads of each run (default: the CPUs this process may use, divided "
+            "equally between the runs that run at once).",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="I/N: only part I of N of the grid (runs I, I+N, I+2N, ...), e.g. "
+            "--shard $SLURM_ARRAY_TASK_ID/9 in a job array.",
+        ),
+    ] = None,
+    point: Annotated[str | None, typer.Option("--point", hidden=True)] = None,
 ) -> None:
-    """Train and evaluate a grid of runs, one after another.
+    """Train and evaluate a grid of runs: one after another, or --jobs N at a time.
 
     Finished runs are skipped and interrupted ones resumed, so running the same command again
     continues the sweep. A run folder trained with another config is refused rather than
     reported under this one; only the device may differ, and train.steps may grow for a
     constant learning rate (a cosine decay is laid out over the run's length). Each run folder
     gets an eval.json for `flowvae report`.
+
+    Each run is locked on its own (RUN/.lock), so several sweeps on one --out, on this machine
+    or on machines sharing the folder, divide the grid: a run another sweep is writing is passed
+    over (looked at once more at the end, and named if still busy), and an interrupted one is
+    resumed by whichever sweep comes to it. --shard splits the grid in fixed parts instead.
+
+    With --jobs N each run gets the CPUs this process may use divided by the runs that run at
+    once (at least one thread; --threads-per-job sets it), and gives the numbers it gives when
+    run alone with that many threads.
     """
     from flowvae.experiments import EvalOptions
     from flowvae.runs import evaluate, load_run
-    from flowvae.sweep import EvalsWanted
+    from flowvae.sweep import EvalsWanted, parse_shard, prepare
     from flowvae.sweep import sweep as run_sweep
+    from flowvae.sweep_jobs import become_worker, parallel_sweep
     from flowvae.train import train as run_training
 
     def train_fn(cfg, run_dir, resume):
@@ -428,26 +469,65 @@ def sweep(
     check_split(split)
 
     first, *more = iw_samples or [None]
-    wanted = EvalsWanted(split, first, more)
+    wanted = EvalsWanted(split, first, more, limit)
+    parts = parse_shard(shard) if shard is not None else None
+    log = lambda m: err.print(m, highlight=False, soft_wrap=True)  # noqa: E731
 
     def eval_fn(run_dir: Path, previous: dict | None, save):
         run = load_run(run_dir / "checkpoints" / f"{checkpoint}.pt")
-        return wanted.fill(
-            previous,
-            lambda s: evaluate(run, EvalOptions(samples=samples, iw_samples=s, split=split)),
-            save,
+        options = lambda s: EvalOptions(  # noqa: E731
+            samples=samples, iw_samples=s, split=split, limit=limit
+        )
+        return wanted.fill(previous, lambda s: evaluate(run, options(s)), save)
+
+    def worker_args(name: str) -> list[str]:  # this command, for one run (--point)
+        given = [
+            ("--config", config),
+            ("--grid", grid),
+            ("--set", set_),
+            ("--iw-samples", iw_samples),
+        ]
+        given += [("--samples", [samples]), ("--limit", [limit]), ("--point", [name])]
+        flags = [f"{flag}={v}" for flag, values in given for v in values or [] if v is not None]
+        return ["sweep", f"--out={out_root}", f"--checkpoint={checkpoint}", f"--split={split}",
+                "--no-progress", *flags]  # fmt: skip
+
+    if point is not None:
+        become_worker(out_root / point)
+    if jobs > 1 and point is None:
+        todo = prepare(config, grid or [], out_root, list(set_ or []), parts, log)
+        bar = None if no_progress or not err.is_terminal else _grid_bar()
+        args = (jobs, threads_per_job, worker_args, wanted.complete, log, bar)
+        result = parallel_sweep(todo, out_root, *args)
+    else:
+        if threads_per_job is not None:
+            import torch
+
+            torch.set_num_threads(threads_per_job)
+        result = run_sweep(
+            config,
+            grid or [],
+            out_root,
+            list(set_ or []),
+            train_fn,
+            eval_fn,
+            log=log,
+            complete=wanted.complete,
+            shard=parts,
+            only=point,
+        )
+    if result.busy:
+        names = ", ".join(p.name for p in result.busy)
+        log(
+            f"left to the other sweeps writing them (not waited for): {names} — run this sweep "
+            "again, or `flowvae report`, once they finish"
         )
 
-    run_sweep(
-        config,
-        grid or [],
-        out_root,
-        list(set_ or []),
-        train_fn,
-        eval_fn,
-        log=lambda m: err.print(m, highlight=False),
-        complete=wanted.complete,
-    )
+
+def _grid_bar() -> Progress:
+    from rich.progress import BarColumn, TextColumn
+
+    return Progress(TextColumn("grid"), BarColumn(), TextColumn("{task.description}"), console=err)
 
 
 @app.command()

@@ -46,6 +46,7 @@ class _Hold:
 
 
 _held: dict[Path, _Hold] = {}  # resolved folder -> this process's hold on it
+_unlocked: set[Path] = set()  # resolved folders "held" without a lock (no flock there)
 _registry = threading.Lock()
 
 
@@ -127,6 +128,7 @@ def _acquire(folder: Path) -> int:
             "another with --out"
         ) from None
     if fcntl is None:
+        _unlocked.add(folder.resolve())
         return fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -135,6 +137,7 @@ def _acquire(folder: Path) -> int:
         os.close(fd)
         raise RunFolderBusy(_busy_message(folder, info)) from None
     except OSError:  # ENOLCK and kin: this filesystem cannot lock; run unlocked, as on Windows
+        _unlocked.add(folder.resolve())
         return fd
     _write_holder_line(fd)
     return fd
@@ -201,3 +204,39 @@ def _command() -> str:
     if argv[0] == "__main__.py":  # python -m flowvae
         argv[0] = "flowvae"
     return " ".join(argv)
+
+
+# -- handing a held lock to a child process ---------------------------------------------------
+
+
+def held_descriptor(out_dir: str | Path) -> int | None:
+    """The descriptor of this process's lock on ``out_dir`` (None when it holds none), for a
+    parallel sweep to pass to the worker process it starts on that run (``subprocess``'s
+    ``pass_fds``): the lock belongs to the open file, so parent and worker then hold it
+    together, and no third process can take the folder between the two."""
+    with _registry:
+        hold = _held.get(Path(out_dir).resolve())
+    return None if hold is None else hold.fd
+
+
+def adopt(out_dir: str | Path, fd: int) -> None:
+    """Count the inherited descriptor ``fd`` as this process's hold on ``out_dir`` (a worker
+    of a parallel sweep), so that ``hold_run_folder`` there nests in it instead of being
+    refused by its own parent. The worker never clears the holder line: its parent does."""
+    folder = Path(out_dir)
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(folder / LOCK_NAME))
+    except OSError:
+        same = False
+    if not same:
+        raise ConfigError(
+            f"descriptor {fd} is not the lock of {folder} — start the run with `flowvae sweep`"
+        )
+    with _registry:
+        _held[folder.resolve()] = _Hold(fd, pid=-1, depth=1)
+
+
+def unlocked(out_dir: str | Path) -> bool:
+    """Whether this process's hold on ``out_dir`` came without a lock (Windows, or a mount
+    that refuses flock, e.g. Lustre with -o noflock): other writers are not kept out there."""
+    return Path(out_dir).resolve() in _unlocked
