@@ -137,7 +137,6 @@ def train(
     run cannot be lengthened: train a new one.
     """
     from flowvae.config import load_config
-    from flowvae.errors import ConfigError
     from flowvae.experiments import EXPERIMENTS
     from flowvae.resume import resume_config
     from flowvae.run_folder import default_out_dir
@@ -704,7 +703,6 @@ def _first_comment(path: Path) -> str:
 
 def check_applies(given: dict[str, bool], kind: str, command: str) -> None:
     """Refuse options that an experiment of ``kind`` does not read (each declares its own)."""
-    from flowvae.errors import ConfigError
     from flowvae.experiments import EXPERIMENTS
 
     accepted = getattr(EXPERIMENTS.get(kind), f"{command}_options")
