@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from flowvae import plugins
 from flowvae.errors import ConfigError
 from flowvae.experiments import DEFAULT_EXPERIMENT
 from flowvae.registry import unknown_name
@@ -413,10 +414,11 @@ def read_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file's keys on top of those of the config it ``extends`` (a path relative to
     the file, or a shipped config's name), so a family of configs states only what differs."""
     data = read_yaml(path)
+    here = resolve_config(path).resolve()
+    plugins.absolute_names(data, here.parent)  # a flow file beside the config
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    here = resolve_config(path).resolve()
     if not isinstance(parent, str):
         raise ConfigError(
             f"config file {here}: extends must name one config, e.g. extends: table2/base.yaml"
@@ -451,6 +453,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value)
+    plugins.absolute_names(data, Path.cwd())  # --set flow.name=file.py:Class
     return from_dict(data)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -36,11 +36,15 @@ def unknown_name(
 
 
 class Registry(Generic[T]):
-    """A named collection of factories (flow classes, targets, datasets, experiments)."""
+    """A named collection of factories (flow classes, targets, datasets, experiments).
 
-    def __init__(self, kind: str) -> None:
+    With ``plugins`` (a flowvae.plugins.PluginSource) it also answers to names of entries that
+    live outside the package: 'module:Name', 'file.py:Name' and installed entry points."""
+
+    def __init__(self, kind: str, plugins: Any = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self.plugins = plugins
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
@@ -58,17 +62,29 @@ class Registry(Generic[T]):
         return self._items.pop(name)
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        """Registered names and installed entry points (not the module/file specs)."""
+        if self.plugins is None:
+            return sorted(self._items)
+        return sorted({*self._items, *self.plugins.entry_points()})
+
+    def is_registered(self, name: str) -> bool:
+        """True for a name registered in this process (built-in, or by an imported module)."""
+        return name in self._items
 
     def get(self, name: str) -> T:
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
-            message = unknown_name(f"unknown {self.kind} '{name}'", name, self.names())
-            raise UnknownNameError(message) from None
+        found = self.plugins.find(name) if self.plugins is not None else None
+        if found is not None:
+            return found
+        message = unknown_name(f"unknown {self.kind} '{name}'", name, self.names())
+        raise UnknownNameError(message)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        """A plugin name that cannot be loaded raises its PluginError (one line saying why)."""
+        if name in self._items:
+            return True
+        return self.plugins is not None and self.plugins.find(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from flowvae import checkpoint, distributed, experiments, guard
+from flowvae import checkpoint, distributed, experiments, guard, plugins
 from flowvae.config import Config, dump, from_dict, to_dict
 from flowvae.device import resolve_device
 from flowvae.distributed import SINGLE, Shard
@@ -441,6 +441,7 @@ def snapshot(
         elapsed=seconds,
         config=to_dict(tr.cfg),
         experiment=tr.experiment.summary(),
+        sources=plugins.sources(tr.cfg),  # where a flow from outside the package came from
     )
 
 
