@@ -10,7 +10,9 @@ from __future__ import annotations
 import gc
 import math
 import signal
+import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -495,3 +497,16 @@ class Logger:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+
+
+class _CallableModule(types.ModuleType):
+    """``flowvae.train(config, out=..., **overrides)`` is the Python API's train (flowvae.api):
+    the package attribute ``train`` is this module once imported, so the module is callable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        from flowvae.api import train as api_train
+
+        return api_train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
