@@ -118,16 +118,14 @@ class PluginSource:
         if is_spec(key):
             where, _, attr = key.rpartition(":")
             if is_file_spec(key):
-                relative = not Path(name.rpartition(":")[0]).expanduser().is_absolute()
-                module, origin = self._import_file(name, Path(where), relative), f"file {where}"
+                module, origin = self._import_file(name, Path(where)), f"file {where}"
             else:
                 module, origin = self._import_module(name, where), f"module {where}"
             return Loaded(self._attribute(name, module, attr, origin), origin)
         ep = self.entry_points().get(name)
         if ep is None:
             return None
-        dist = f"package {ep.dist.name} {ep.dist.version}" if ep.dist else "an installed package"
-        origin = f"entry point {ep.name} = {ep.value} ({dist})"
+        origin = entry_point_origin(ep)
         try:
             return Loaded(ep.load(), origin)
         except Exception as exc:  # noqa: BLE001  (any import failure is the plugin's, said in one line)
@@ -148,15 +146,9 @@ class PluginSource:
                 f"{self.kind} '{name}': importing {module} failed: {_why(exc)}"
             ) from None
 
-    def _import_file(self, name: str, path: Path, relative: bool) -> Any:
-        if not path.is_file():
-            hint = (
-                " — a relative path is read from the config's folder (from the working "
-                "directory with --set)"
-                if relative
-                else ""
-            )
-            raise PluginError(f"{self.kind} '{name}': file {path} does not exist{hint}")
+    def _import_file(self, name: str, path: Path) -> Any:
+        if not path.is_file():  # the path shown is absolute: where it was looked for
+            raise PluginError(f"{self.kind} '{name}': file {path} does not exist")
         # One module per file, named after its path: imported once, and found again by pickle.
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
         stem = re.sub(r"\W", "_", path.stem)
@@ -203,7 +195,10 @@ def origin(registry: Any, name: str) -> str:
     if registry.is_registered(name):
         module = getattr(registry.get(name), "__module__", None) or "flowvae"
         return "built-in" if module.split(".")[0] == "flowvae" else f"module {module}"
-    ep = source.entry_points()[name]
+    return entry_point_origin(source.entry_points()[name])
+
+
+def entry_point_origin(ep: metadata.EntryPoint) -> str:
     dist = f"package {ep.dist.name} {ep.dist.version}" if ep.dist else "an installed package"
     return f"entry point {ep.value} ({dist})"
 
