@@ -48,7 +48,8 @@ def train(
     the defaults). ``overrides`` set keys as --set does, a section's keys as a mapping merged
     into it (``flow={"k": 4}``, ``train={"steps": 500}``) or one key by its dotted name
     (``**{"flow.k": 4}``). A relative ``file.py:Class`` in them is read from the working
-    directory, as with --set. ``out`` defaults to the CLI's runs/<what>-<flow>-k<K>-s<seed>.
+    directory, as with --set. ``out`` defaults to the CLI's runs/<what>-<flow>-k<K>-s<seed>;
+    the folder comes back as an absolute path.
     """
     from rich.console import Console
 
@@ -63,10 +64,9 @@ def train(
     plugins.absolute_names(data, Path.cwd())
     cfg = from_dict(data)
     target = Path(out) if out is not None else default_out_dir(cfg)
-    result = run_training(
-        cfg, target, resume=resume, console=Console(stderr=True), progress=progress
-    )
-    return result.out_dir
+    console = Console(stderr=True)
+    result = run_training(cfg, target, resume=resume, console=console, progress=progress)
+    return result.out_dir.resolve()
 
 
 def _config_data(config: str | Path | dict | Config | None) -> dict:

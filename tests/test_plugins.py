@@ -176,6 +176,21 @@ def test_entry_points_are_listed_and_built(tmp_path, monkeypatch):
     assert plugins.origin(flows.FLOWS, "planar") == "built-in"
 
 
+def test_flowvae_list_says_where_each_flow_comes_from(tmp_path, monkeypatch, cli_in_process):
+    monkeypatch.syspath_prepend(str(make_package(tmp_path / "site")))
+    listed = cli_in_process("list", cwd=tmp_path)
+    assert listed.returncode == 0
+    rows: dict[str, str] = {}
+    name = None
+    for line in listed.stdout.splitlines():
+        if line.count("│") == 3:  # the flow table; a long origin folds onto the next lines
+            cells = [c.strip() for c in line.split("│")[1:3]]
+            name = cells[0] or name
+            rows[name] = " ".join(filter(None, [rows.get(name, ""), cells[1]]))
+    assert rows["affine_ep"] == "entry point myflowpkg:ElementwiseAffine (package myflowpkg 0.1)"
+    assert all(rows[name] == "built-in" for name in ("planar", "nice", "sylvester_triangular"))
+
+
 # -- end to end, each command in a fresh process ------------------------------------------------
 
 
@@ -205,7 +220,6 @@ def weights(run: Path, name: str = "last.pt") -> dict:
     return torch.load(run / "checkpoints" / name, weights_only=True)["model"]
 
 
-@pytest.mark.slow
 def test_a_file_flow_trains_evaluates_samples_and_resumes_on_u1(tmp_path):
     config = write_outside(tmp_path / "outside")
     work = tmp_path / "work"
