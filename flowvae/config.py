@@ -38,7 +38,11 @@ def opt(
 
 @dataclass
 class TargetConfig:
-    name: str = opt("U1", doc="2-D energy for the density experiment: U1, U2, U3 or U4")
+    name: str = opt(
+        "U1",
+        doc="2-D energy for the density experiment: U1, U2, U3 or U4, or your own "
+        "(module:NAME, file.py:NAME; docs/extending.md)",
+    )
 
 
 @dataclass
@@ -71,7 +75,11 @@ class DataConfig:
 
 @dataclass
 class FlowConfig:
-    name: str = opt("planar", doc="flow family (see `flowvae list`)")
+    name: str = opt(
+        "planar",
+        doc="flow family (see `flowvae list`), or your own: module:Class, file.py:Class "
+        "(docs/extending.md)",
+    )
     k: int = opt(32, ge=0, doc="number of flow layers K (0 = no flow)")
     amortized: bool = opt(
         True,
