@@ -220,6 +220,7 @@ def weights(run: Path, name: str = "last.pt") -> dict:
     return torch.load(run / "checkpoints" / name, weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_a_file_flow_trains_evaluates_samples_and_resumes_on_u1(tmp_path):
     config = write_outside(tmp_path / "outside")
     work = tmp_path / "work"
