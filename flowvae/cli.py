@@ -627,6 +627,7 @@ def list_() -> None:
     table.add_row("likelihoods", ", ".join(LIKELIHOODS.names()))
     table.add_row("experiments", ", ".join(EXPERIMENTS.names()))
     out.print(table)
+    out.print(_flow_sources())
     datasets = Table(show_header=True)
     for column in ("dataset", "likelihood", "split", "source"):
         datasets.add_column(column, overflow="fold")
@@ -634,6 +635,20 @@ def list_() -> None:
         entry = DATASETS.get(name)
         datasets.add_row(name, entry.likelihood, entry.split, entry.source)
     out.print(datasets)
+
+
+def _flow_sources() -> Table:
+    """Each flow beside where it comes from: built-in, an installed package's entry point
+    (group flowvae.flows), or a module that registered it."""
+    from flowvae import flows
+    from flowvae.plugins import origin
+
+    table = Table(show_header=True)
+    table.add_column("flow")
+    table.add_column("from", overflow="fold")
+    for name in flows.available():
+        table.add_row(name, origin(flows.FLOWS, name))
+    return table
 
 
 @app.command()

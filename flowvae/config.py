@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from flowvae import plugins
 from flowvae.catalog import DEFAULT_EXPERIMENT, EXPERIMENTS
 from flowvae.errors import ConfigError
 from flowvae.registry import unknown_name
@@ -37,7 +38,11 @@ def opt(
 
 @dataclass
 class TargetConfig:
-    name: str = opt("U1", doc="2-D energy for the density experiment: U1, U2, U3 or U4")
+    name: str = opt(
+        "U1",
+        doc="2-D energy for the density experiment: U1, U2, U3 or U4, or your own "
+        "(module:NAME, file.py:NAME; docs/extending.md)",
+    )
 
 
 @dataclass
@@ -71,7 +76,11 @@ class DataConfig:
 
 @dataclass
 class FlowConfig:
-    name: str = opt("planar", doc="flow family (see `flowvae list`)")
+    name: str = opt(
+        "planar",
+        doc="flow family (see `flowvae list`), or your own: module:Class, file.py:Class "
+        "(docs/extending.md)",
+    )
     k: int = opt(32, ge=0, doc="number of flow layers K (0 = no flow)")
     amortized: bool = opt(
         True,
@@ -409,10 +418,11 @@ def read_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """A config file's keys on top of those of the config it ``extends`` (a path relative to
     the file, or a shipped config's name), so a family of configs states only what differs."""
     data = read_yaml(path)
+    here = resolve_config(path).resolve()
+    plugins.absolute_names(data, here.parent)  # a flow file beside the config
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    here = resolve_config(path).resolve()
     if not isinstance(parent, str):
         raise ConfigError(
             f"config file {here}: extends must name one config, e.g. extends: table2/base.yaml"
@@ -447,6 +457,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value)
+    plugins.absolute_names(data, Path.cwd())  # --set flow.name=file.py:Class
     return from_dict(data)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -40,12 +40,17 @@ class Registry(Generic[T]):
     """A named collection of factories (flow classes, targets, datasets, experiments).
 
     ``modules`` names items before they exist: name -> the module that registers it, imported
-    on the first :meth:`get` (so a registry of names costs no import of what they name)."""
+    on the first :meth:`get` (so a registry of names costs no import of what they name). With
+    ``plugins`` (a flowvae.plugins.PluginSource) it also answers to names of entries that live
+    outside the package: 'module:Name', 'file.py:Name' and installed entry points."""
 
-    def __init__(self, kind: str, modules: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, kind: str, modules: Mapping[str, str] | None = None, plugins: Any = None
+    ) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
         self._modules = dict(modules or {})
+        self.plugins = plugins
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
@@ -64,19 +69,32 @@ class Registry(Generic[T]):
         return self._items.pop(name)
 
     def names(self) -> list[str]:
-        return sorted({*self._items, *self._modules})
+        """Registered names and installed entry points (not the module/file specs)."""
+        known = {*self._items, *self._modules}
+        if self.plugins is None:
+            return sorted(known)
+        return sorted({*known, *self.plugins.entry_points()})
+
+    def is_registered(self, name: str) -> bool:
+        """True for a name registered in this process (built-in, or by an imported module)."""
+        return name in self._items
 
     def get(self, name: str) -> T:
         if name not in self._items and name in self._modules:
             importlib.import_module(self._modules[name])  # registers it
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
-            message = unknown_name(f"unknown {self.kind} '{name}'", name, self.names())
-            raise UnknownNameError(message) from None
+        found = self.plugins.find(name) if self.plugins is not None else None
+        if found is not None:
+            return found
+        message = unknown_name(f"unknown {self.kind} '{name}'", name, self.names())
+        raise UnknownNameError(message)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items or name in self._modules
+        """A plugin name that cannot be loaded raises its PluginError (one line saying why)."""
+        if name in self._items or name in self._modules:
+            return True
+        return self.plugins is not None and self.plugins.find(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -24,9 +24,10 @@ from flowvae.runlock import holder, pid_alive
 
 def default_out_dir(cfg) -> Path:
     from flowvae.experiments import EXPERIMENTS
+    from flowvae.plugins import short
 
-    what = EXPERIMENTS.get(cfg.experiment).label(cfg)
-    return Path("runs") / f"{what}-{cfg.flow.name}-k{cfg.flow.k}-s{cfg.seed}"
+    what = short(EXPERIMENTS.get(cfg.experiment).label(cfg))  # 'Ring' for 'targets.py:Ring'
+    return Path("runs") / f"{what}-{short(cfg.flow.name)}-k{cfg.flow.k}-s{cfg.seed}"
 
 
 def check_output_folder(out_dir: Path, need_bytes: int) -> None:

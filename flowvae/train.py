@@ -10,7 +10,9 @@ from __future__ import annotations
 import gc
 import math
 import signal
+import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -23,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from flowvae import checkpoint, distributed, experiments, guard, memory
+from flowvae import checkpoint, distributed, experiments, guard, memory, plugins
 from flowvae.config import Config, dump, from_dict, to_dict
 from flowvae.device import resolve_device
 from flowvae.distributed import SINGLE, Shard
@@ -479,6 +481,7 @@ def snapshot(
         elapsed=seconds,
         config=to_dict(tr.cfg),
         experiment=tr.experiment.summary(),
+        sources=plugins.sources(tr.cfg),  # where a flow from outside the package came from
     )
 
 
@@ -549,3 +552,16 @@ class Logger:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+
+
+class _CallableModule(types.ModuleType):
+    """``flowvae.train(config, out=..., **overrides)`` is the Python API's train (flowvae.api):
+    the package attribute ``train`` is this module once imported, so the module is callable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        from flowvae.api import train as api_train
+
+        return api_train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -69,6 +69,13 @@ class FlowStack(nn.Module):
             y = layer.inverse(y, p)
         return y
 
+    def as_transform(self, params: Tensor | None = None, cache_size: int = 1):
+        """This stack as a ``torch.distributions.Transform`` (flowvae.flows.transform), with
+        an amortised stack's (B, P) ``params`` bound to it."""
+        from flowvae.flows.transform import FlowTransform
+
+        return FlowTransform(self, params, cache_size)
+
     def inverse_with_log_det(
         self, y: Tensor, params: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:

@@ -17,9 +17,17 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from flowvae.plugins import PluginSource
 from flowvae.registry import Registry
 
-TARGETS: Registry = Registry("target")
+
+def _check_target(obj: object) -> str | None:
+    return None if isinstance(obj, Target) else "is not a flowvae.targets.Target instance"
+
+
+TARGETS: Registry = Registry(
+    "target", plugins=PluginSource("target", "flowvae.targets", _check_target)
+)
 
 
 def _w1(z: Tensor) -> Tensor:
