@@ -84,8 +84,10 @@ class FlowConfig:
 class ModelConfig:
     base: str = opt(
         "diagonal",
-        choices=("standard", "diagonal"),
-        doc="density base q0: N(0, I) or a learnable diagonal Gaussian",
+        choices=("standard", "diagonal", "uniform"),
+        doc="density base q0: N(0, I), a learnable diagonal Gaussian, or a learnable uniform "
+        "box U(μ - σ, μ + σ) starting at [-2, 2]² (log q = -inf outside it); density runs only, "
+        "the VAE's q0(z|x) is its encoder's Gaussian",
     )
     hidden: list[int] = opt([400], doc="hidden widths of the VAE encoder and decoder MLPs")
     activation: str = opt(
@@ -406,7 +408,17 @@ def _check_names(cfg: Config) -> None:
 def from_dict(data: dict) -> Config:
     cfg = _build(Config, data, "")
     _check_names(cfg)
+    _check_base(cfg)
     return cfg
+
+
+def _check_base(cfg: Config) -> None:
+    """A bounded base is a density-run option: the VAE's q0(z|x) is its encoder's Gaussian."""
+    if cfg.model.base == "uniform" and cfg.experiment != "density":
+        raise ConfigError(
+            f"config key model.base = 'uniform' applies to density runs only (the {cfg.experiment} "
+            "experiment's q0 is its encoder's Gaussian) — remove the key"
+        )
 
 
 def read_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
