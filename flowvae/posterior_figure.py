@@ -1,0 +1,72 @@
+"""Pictures of the posterior view (flowvae.posterior): per image, the image, its reconstruction,
+and p(z|x), q_0(z|x), q_K(z|x) on one grid, the true posterior's contours over each."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowvae.posterior import PosteriorGrid, hpd_levels
+
+
+def _density_panel(ax, log_density: torch.Tensor, grid: PosteriorGrid, levels, title: str):
+    ax.imshow(
+        torch.exp(log_density).numpy(), origin="lower", extent=grid.box.extent(), cmap="viridis",
+        aspect="auto",
+    )  # fmt: skip
+    xs, ys = (a.numpy() for a in grid.box.axes())
+    post = torch.exp(grid.log_post).numpy()
+    ax.contour(xs, ys, post, levels=levels, colors="white", linewidths=0.6, alpha=0.8)
+    ax.set_title(title, fontsize=7)
+    ax.tick_params(labelsize=5)
+
+
+def _image_panel(ax, picture: torch.Tensor, shape: tuple[int, ...], title: str) -> None:
+    img = picture.reshape(shape).float().cpu().numpy()
+    if img.ndim == 3:  # (C, H, W) -> (H, W, C)
+        img = img.transpose(1, 2, 0)
+    ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def posterior_figure(rows: list[tuple[int, dict, PosteriorGrid, object]], shape, k: int):
+    """``rows``: (image index, numbers, grid, encoded image) per image (flowvae.posterior.analyse)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 5, figsize=(10, 2.1 * len(rows)), dpi=110, squeeze=False)
+    for ax_row, (index, numbers, grid, enc) in zip(axes, rows):
+        levels = hpd_levels(grid.log_post, grid.box.cell)
+        _image_panel(ax_row[0], enc.x[0], shape, f"test image {index}")
+        _image_panel(ax_row[1], enc.reconstruction(), shape, "reconstruction at f_K(μ)")
+        _density_panel(
+            ax_row[2], grid.log_post, grid, levels,
+            f"p(z|x), log p(x) = {numbers['log_px_grid']:.2f}",
+        )  # fmt: skip
+        _density_panel(
+            ax_row[3], grid.log_q0, grid, levels, f"base q_0(z|x), KL(q_0‖p) = {numbers['kl_q0_p']:.2f}"
+        )
+        _density_panel(
+            ax_row[4],
+            grid.log_qk,
+            grid,
+            levels,
+            f"q_K(z|x), K={k}, KL(q_K‖p) = {numbers['kl_q_p']:.2f}",
+        )
+    fig.tight_layout()
+    return fig
+
+
+def posterior_image(rows, shape, k: int) -> np.ndarray:
+    """The figure as an HxWx3 uint8 array (TensorBoard)."""
+    fig = posterior_figure(rows, shape, k)
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return arr
