@@ -48,7 +48,11 @@ def posterior_figure(rows: list[tuple[int, dict, PosteriorGrid, object]], shape,
             f"p(z|x), log p(x) = {numbers['log_px_grid']:.2f}",
         )  # fmt: skip
         _density_panel(
-            ax_row[3], grid.log_q0, grid, levels, f"base q_0(z|x), KL(q_0‖p) = {numbers['kl_q0_p']:.2f}"
+            ax_row[3],
+            grid.log_q0,
+            grid,
+            levels,
+            f"base q_0(z|x), KL(q_0‖p) = {numbers['kl_q0_p']:.2f}",
         )
         _density_panel(
             ax_row[4],
@@ -70,3 +74,18 @@ def posterior_image(rows, shape, k: int) -> np.ndarray:
 
     plt.close(fig)
     return arr
+
+
+#: The validation images TensorBoard shows at each evaluation of a 2-D run (test images when the
+#: run holds no validation split), on a coarser grid and without importance sampling.
+TENSORBOARD_IMAGES = (0, 1, 2)
+TENSORBOARD_GRID = 100
+
+
+def tensorboard_view(experiment) -> np.ndarray:
+    """The posterior view of a few fixed held-out images, as an image for TensorBoard."""
+    from flowvae.posterior import view
+
+    split = "valid" if experiment.data.valid.shape[0] else "test"
+    rows = view(experiment, list(TENSORBOARD_IMAGES), split, TENSORBOARD_GRID, iw_samples=0)
+    return posterior_image(rows, experiment.data.image_shape, experiment.cfg.flow.k)

@@ -331,7 +331,12 @@ class VAEExperiment:
         with torch.inference_mode():
             z = torch.randn(64, self.model.latent_dim, device=self.device)
             pictures = self.model.picture(z)
-        return {"samples": image_grid(self.as_images(pictures).cpu(), nrow=8)}
+        images = {"samples": image_grid(self.as_images(pictures).cpu(), nrow=8)}
+        if self.model.latent_dim == 2:  # q_K beside the true posterior (flowvae.posterior)
+            from flowvae.posterior_figure import tensorboard_view
+
+            images["posterior"] = tensorboard_view(self)
+        return images
 
     def as_images(self, rows: Tensor) -> Tensor:
         """(N, D) pixel rows -> (N, H, W) or (N, C, H, W) images of the dataset's shape."""
