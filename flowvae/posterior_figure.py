@@ -89,3 +89,22 @@ def tensorboard_view(experiment) -> np.ndarray:
     split = "valid" if experiment.data.valid.shape[0] else "test"
     rows = view(experiment, list(TENSORBOARD_IMAGES), split, TENSORBOARD_GRID, iw_samples=0)
     return posterior_image(rows, experiment.data.image_shape, experiment.cfg.flow.k)
+
+
+def stack_pngs(paths: list[str], out: str) -> None:
+    """One PNG of several, one above the other (the posterior views of several runs)."""
+    from PIL import Image
+
+    parts = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+    top = 0
+    for part in parts:
+        canvas.paste(part, (0, top))
+        top += part.height
+    canvas.save(out)
+
+
+if __name__ == "__main__":  # python -m flowvae.posterior_figure OUT.png IN.png IN.png ...
+    import sys
+
+    stack_pngs(sys.argv[2:], sys.argv[1])
