@@ -41,7 +41,7 @@ def posterior_figure(rows: list[tuple[int, dict, PosteriorGrid, object]], shape,
     fig, axes = plt.subplots(len(rows), 5, figsize=(10, 2.1 * len(rows)), dpi=110, squeeze=False)
     for ax_row, (index, numbers, grid, enc) in zip(axes, rows):
         levels = hpd_levels(grid.log_post, grid.box.cell)
-        _image_panel(ax_row[0], enc.x[0], shape, f"test image {index}")
+        _image_panel(ax_row[0], enc.x[0], shape, f"test image {index}, K = {k} model")
         _image_panel(ax_row[1], enc.reconstruction(), shape, "reconstruction at f_K(μ)")
         _density_panel(
             ax_row[2], grid.log_post, grid, levels,
