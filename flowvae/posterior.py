@@ -205,13 +205,14 @@ def kl_on_grid(log_a: Tensor, log_b: Tensor, cell: float) -> float:
 
 
 def summary(grid: PosteriorGrid) -> dict[str, float]:
-    """The grid's numbers for one image: log p(x), both KLs between q_K and p(z|x), masses."""
+    """The grid's numbers for one image: log p(x), both KLs between q_K and p(z|x), masses.
+    (No KL for the base q_0: it is not the approximation when K > 0, and the grid, fitted to
+    p(z|x) and q_K, need not hold it — q0_mass says how much of it is there.)"""
     post, cell = grid.log_post, grid.box.cell
     return {
         "log_px_grid": grid.log_px,
         "kl_q_p": kl_on_grid(grid.log_qk, post, cell),
         "kl_p_q": kl_on_grid(post, grid.log_qk, cell),
-        "kl_q0_p": kl_on_grid(grid.log_q0, post, cell),
         "q_mass": grid.mass(grid.log_qk),
         "q0_mass": grid.mass(grid.log_q0),
         "box": [round(v, 4) for v in grid.box.extent()],
@@ -285,7 +286,7 @@ def view(
 
 
 #: Per-image numbers averaged in the JSON's "mean" (those that exist in every row).
-MEAN_KEYS = ("log_px_grid", "log_px_is", "kl_q_p", "kl_p_q", "kl_q0_p", "q_mass")
+MEAN_KEYS = ("log_px_grid", "log_px_is", "kl_q_p", "kl_p_q", "q_mass")
 
 
 def as_json(rows: list[tuple[int, dict, PosteriorGrid, Encoded]], **about) -> dict:

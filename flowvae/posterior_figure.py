@@ -52,7 +52,7 @@ def posterior_figure(rows: list[tuple[int, dict, PosteriorGrid, object]], shape,
             grid.log_q0,
             grid,
             levels,
-            f"base q_0(z|x), KL(q_0‖p) = {numbers['kl_q0_p']:.2f}",
+            f"base q_0(z|x), {numbers['q0_mass']:.0%} of it in view",
         )
         _density_panel(
             ax_row[4],
