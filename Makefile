@@ -3,7 +3,7 @@ PYTHON ?= python
 FLOWVAE ?= $(PYTHON) -m flowvae
 RUN ?= runs/energy-U1-planar-k32
 
-.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3 table2-runs bench-sweep
+.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3 table2-runs bench-sweep figure1 posterior
 
 # Runs at once in the grids below (`flowvae sweep --jobs`), each on cores/JOBS threads. Default:
 # one per core, each run on one thread. On the 2-core development machine one run on two threads
@@ -128,3 +128,28 @@ table3:
 	$(FLOWVAE) sweep --config configs/cifar10_patches.yaml --grid flow.k=0,2,5,10 $(TABLE3_SET) \
 		--out $(TABLE3_OUT) --no-progress
 	$(FLOWVAE) report $(TABLE3_OUT) --out docs/results-cifar10.md --plot docs/nll_vs_k_cifar10.png
+
+# The paper's Figure 1: hand-set planar and radial layers (K = 1, 2, 10) on a unit Gaussian and on
+# a uniform, each panel the exact density of q_K on a grid; the layers are drawn from the seeded
+# distributions in flowvae/figures/figure1.yaml. Under a minute on 2 cores; needs no data.
+figure1:
+	$(PYTHON) -m flowvae.figure1 --out docs/figure1.png
+
+# The posterior view (docs/results.md): planar K = 0, 10, 40 flow VAEs with a 2-D latent space
+# (configs/mnist_2d.yaml, each some minutes on 2 cores; trained when absent, resumed when
+# interrupted), then q_K(z|x) beside the true posterior p(z|x) of test images 0, 7 and 42 for
+# each, one PNG per K and docs/posterior.png with all three.
+POSTERIOR_OUT ?= runs/mnist-2d
+POSTERIOR_KS ?= 0 10 40
+POSTERIOR_IMAGES ?= 0,7,42
+posterior:
+	for k in $(POSTERIOR_KS); do \
+		run=$(POSTERIOR_OUT)/planar-k$$k; \
+		if [ -f $$run/run.json ]; then :; \
+		elif [ -f $$run/checkpoints/last.pt ]; then \
+			$(FLOWVAE) train --config mnist_2d --set flow.k=$$k --out $$run --resume --no-progress || exit 1; \
+		else $(FLOWVAE) train --config mnist_2d --set flow.k=$$k --out $$run --no-progress || exit 1; fi; \
+		$(FLOWVAE) posterior $$run/checkpoints/best.pt --images $(POSTERIOR_IMAGES) \
+			--out docs/posterior-k$$k.png || exit 1; \
+	done
+	$(PYTHON) -m flowvae.posterior_figure docs/posterior.png $(foreach k,$(POSTERIOR_KS),docs/posterior-k$(k).png)

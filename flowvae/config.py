@@ -94,8 +94,10 @@ class FlowConfig:
 class ModelConfig:
     base: str = opt(
         "diagonal",
-        choices=("standard", "diagonal"),
-        doc="density base q0: N(0, I) or a learnable diagonal Gaussian",
+        choices=("standard", "diagonal", "uniform"),
+        doc="density base q0: N(0, I), a learnable diagonal Gaussian, or a learnable uniform "
+        "box U(μ - σ, μ + σ) starting at [-2, 2]² (log q = -inf outside it); density runs only, "
+        "the VAE's q0(z|x) is its encoder's Gaussian",
     )
     hidden: list[int] = opt([400], doc="hidden widths of the VAE encoder and decoder MLPs")
     activation: str = opt(

@@ -15,44 +15,53 @@ import torch
 from torch import Tensor, nn
 
 from flowvae import flows
+from flowvae.bases import BASES
 from flowvae.catalog import EXPERIMENTS
 from flowvae.errors import ConfigError
 from flowvae.experiments.base import (
     EvalOptions,
     ReportOptions,
     SampleOptions,
-    gaussian_log_prob,
     trainable,
 )
 from flowvae.targets import TARGETS, Target
 
 
 class FlowDensity(nn.Module):
-    """q_K: a Gaussian base (standard or learnable diagonal) pushed through K global flows."""
+    """q_K: a base q_0 (flowvae.bases: standard, diagonal or uniform) pushed through K global
+    flows. The base is z_0 = μ + σ·ε with ε from the base's noise density."""
 
-    def __init__(self, flow: flows.FlowStack, dim: int = 2, learn_base: bool = True) -> None:
+    def __init__(self, flow: flows.FlowStack, dim: int = 2, base: str = "diagonal") -> None:
         super().__init__()
         self.flow = flow
         self.dim = dim
-        self.mu = nn.Parameter(torch.zeros(dim), requires_grad=learn_base)
-        self.log_sigma = nn.Parameter(torch.zeros(dim), requires_grad=learn_base)
+        self.base = BASES.get(base)
+        learn = self.base.learnable
+        self.mu = nn.Parameter(torch.zeros(dim), requires_grad=learn)
+        log_scale = torch.full((dim,), math.log(self.base.scale))
+        self.log_sigma = nn.Parameter(log_scale, requires_grad=learn)
+
+    def noise(self, n: int) -> Tensor:
+        """n draws of the base's standard noise ε."""
+        return self.base.draw(n, self.dim, self.mu.device, self.mu.dtype)
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         """n samples z_K and their exact log q_K(z_K)."""
-        return self(torch.randn(n, self.dim, device=self.mu.device, dtype=self.mu.dtype))
+        return self(self.noise(n))
 
     def forward(self, eps: Tensor) -> tuple[Tensor, Tensor]:
-        """z_K and log q_K(z_K) for base noise eps ~ N(0, I)."""
+        """z_K and log q_K(z_K) for base noise eps (N(0, I) or U([-1, 1]^D))."""
         z0 = self.mu + self.log_sigma.exp() * eps
-        log_q0 = gaussian_log_prob(eps) - self.log_sigma.sum()
+        log_q0 = self.base.noise_log_prob(eps) - self.log_sigma.sum()
         z, log_det = self.flow(z0)
         return z, log_q0 - log_det
 
     def log_prob(self, z: Tensor) -> Tensor:
-        """log q_K at arbitrary points, through the flow's inverse."""
+        """log q_K at arbitrary points, through the flow's inverse (-inf off a bounded base's
+        support)."""
         z0, log_det = self.flow.inverse_with_log_det(z)
         eps = (z0 - self.mu) / self.log_sigma.exp()
-        return gaussian_log_prob(eps) - self.log_sigma.sum() - log_det
+        return self.base.noise_log_prob(eps) - self.log_sigma.sum() - log_det
 
 
 def kl_estimate(model: FlowDensity, target: Target, n: int, chunk: int = 65536) -> dict[str, float]:
@@ -95,7 +104,7 @@ class DensityExperiment:
         self.cfg = cfg
         self.target: Target = TARGETS.get(cfg.target.name)
         stack = flows.build(cfg.flow.name, 2, cfg.flow.k, amortized=False, **cfg.flow.options)
-        self.model = FlowDensity(stack, dim=2, learn_base=cfg.model.base == "diagonal").to(device)
+        self.model = FlowDensity(stack, dim=2, base=cfg.model.base).to(device)
         self.device = device
 
     @staticmethod
@@ -114,7 +123,7 @@ class DensityExperiment:
         return cfg.target.name
 
     def batch(self, size: int) -> tuple[Tensor]:
-        return (torch.randn(size, 2, device=self.device),)
+        return (self.model.noise(size),)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor], beta: float):
         z, log_q = model(batch[0])

@@ -224,6 +224,11 @@ class VAEExperiment:
                 "config key train.flow_lr_scale scales the encoder's flow head, which only a VAE "
                 "with an amortised flow (flow.amortized: true, flow.k > 0) has — remove the key"
             )
+        if cfg.model.base == "uniform":  # a bounded base is for density runs
+            raise ConfigError(
+                "config key model.base = 'uniform' applies to density runs only (a VAE's q0 is "
+                "its encoder's Gaussian) — remove the key"
+            )
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The parameters at lr, and the encoder's flow head at lr · train.flow_lr_scale.
@@ -267,7 +272,12 @@ class VAEExperiment:
         with torch.inference_mode():
             z = torch.randn(64, self.model.latent_dim, device=self.device)
             pictures = self.model.picture(z)
-        return {"samples": image_grid(self.as_images(pictures).cpu(), nrow=8)}
+        images = {"samples": image_grid(self.as_images(pictures).cpu(), nrow=8)}
+        if self.model.latent_dim == 2:  # q_K beside the true posterior (flowvae.posterior)
+            from flowvae.posterior_figure import tensorboard_view
+
+            images["posterior"] = tensorboard_view(self)
+        return images
 
     def as_images(self, rows: Tensor) -> Tensor:
         """(N, D) pixel rows -> (N, H, W) or (N, C, H, W) images of the dataset's shape."""
