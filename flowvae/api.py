@@ -25,6 +25,7 @@ from flowvae import plugins
 from flowvae.config import Config, apply_override, from_dict, read_config, to_dict
 from flowvae.errors import ConfigError
 from flowvae.experiments import EvalOptions, gaussian_log_prob
+from flowvae.importance import sharded_importance_nll
 from flowvae.runs import LoadedRun, evaluate, load_run
 
 __all__ = ["Posterior", "TrainedDensity", "TrainedVAE", "load", "train"]
@@ -232,10 +233,7 @@ class TrainedVAE(Trained):
         """Per image (float64): importance-sampled log p(x) with ``samples`` draws ("log_px"),
         the average of their log-weights, an ELBO ("elbo"), and the weights' Pareto k̂ and
         effective sample size: `flowvae eval`'s own computation and noise at ``seed``."""
-        from flowvae.experiments.vae import sharded_importance_nll
-
-        options = EvalOptions(iw_samples=samples, seed=seed)
-        per_image = sharded_importance_nll(self.model, self._rows(x), options, samples)
+        per_image = sharded_importance_nll(self.model, self._rows(x), samples, seed=seed)
         return {
             "log_px": -per_image["nll"],
             "elbo": -per_image["neg_elbo"],

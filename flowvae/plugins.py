@@ -211,6 +211,6 @@ def sources(cfg: Any) -> dict[str, str]:
     from flowvae.targets import TARGETS
 
     found = {"flow.name": origin(FLOWS, cfg.flow.name)}
-    if "target" not in EXPERIMENTS.get(cfg.experiment).unused:
+    if "target" in EXPERIMENTS.get(cfg.experiment).sections:
         found["target.name"] = origin(TARGETS, cfg.target.name)
     return found

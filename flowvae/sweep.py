@@ -273,6 +273,8 @@ def sweep(
         todo = [(p, c) for p, c in todo if p.name == only]
         if not todo:
             raise ConfigError(f"sweep: no run named {only!r} in this grid")
+    if not todo:  # an empty shard: nothing to write
+        return SweepResult([], [])
     step = functools.partial(run_point, train_fn=train_fn, eval_fn=eval_fn, complete=complete)
     busy = []
     # A sweep that fails before any run is kept leaves no --out folder (others may share it, so
