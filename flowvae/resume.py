@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowvae import checkpoint
+from flowvae import checkpoint, plugins
 from flowvae.config import (
     Config,
     apply_override,
@@ -83,6 +83,7 @@ def resume_config(
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value)
+    plugins.absolute_names(data, Path.cwd())  # --set flow.name=file.py:Class, as train reads it
     cfg = from_dict(data)
     check_resume(run_dir, cfg)
     return cfg

@@ -271,6 +271,7 @@ def test_a_file_flow_trains_a_vae_amortised_and_global(tmp_path, mnist_dir):
         "--config", "mnist_quick", "--set", f"data.root={mnist_dir}", "--set", f"flow.name={spec}",
         "--set", "flow.k=2", "--set", "model.hidden=[64]", "--set", "data.valid_size=500",
         "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10", "--no-progress",
+        "--set", "train.lr_schedule=constant",  # so that --resume may lengthen the run
     ]  # fmt: skip
     for amortized in ("true", "false"):
         out = tmp_path / f"vae-{amortized}"
@@ -286,7 +287,7 @@ def test_a_file_flow_trains_a_vae_amortised_and_global(tmp_path, mnist_dir):
         )  # fmt: skip
         r = json.loads(evaluated.stdout)
         assert r["flow"] == f"{tmp_path / spec}" and r["examples"] == 50
-        assert 0 < r["nll"] <= r["neg_elbo"] < 600
+        assert 0 < r["nll"] <= r["neg_elbo"] < 1000  # 20 updates: far from trained, but finite
         cli("sample", out / "checkpoints" / "best.pt", "--out", "grid.png", "--n", "16", cwd=out)
         assert (out / "grid.png").stat().st_size > 0
 
