@@ -2,10 +2,15 @@
 
     python benchmarks/profile_step.py --ks 0,10,80 --data-root ../shared/data/mnist
 
-Prints, per K, the step time and the milliseconds per step of the op groups that matter for
-the flow overhead (matrix products, maxout, Adam, the planar stack), the encoder's flow-parameter
-head timed alone, then the top ops.
-The steps are those timed by benchmarks/run.py (same config, same loop body).
+Prints a Markdown table, milliseconds per step for each K, of what the step does: matrix
+products, maxout, drawing the batch and the noise, the loss, the flow layers, the gradient norm
+and non-finite check, the optimiser, other small tensor ops, the autograd engine's and
+dispatcher's own records, and the Python time between ops. Each profiled op is counted once, in
+the group of its nearest enclosing record that names one (the ops inside the planar stack's
+autograd node count as the flow, those inside the optimiser's step as the optimiser). The
+profiler slows small ops down, so the table also gives the step unprofiled. With --top N the
+N most expensive ops follow. The steps are those timed by benchmarks/run.py (same config, same
+loop body).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,34 +27,94 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
 
-#: Op groups reported per step: name -> profiler keys summed (self CPU time).
-GROUPS = {
-    "matrix products (mm, addmm)": ("aten::mm", "aten::addmm"),
-    "maxout (max_pool1d) forward": ("aten::max_pool2d_with_indices",),
-    "Adam (fused)": ("aten::_fused_adam_",),
+#: Records whose whole subtree is one group (checked from the op up through its parents).
+SUBTREES = {
+    "PlanarStackFunction": "flow layers (planar stack, forward + backward)",
+    "PlanarStackFunctionBackward": "flow layers (planar stack, forward + backward)",
+    "Optimizer.step#Adam.step": "optimiser (fused Adam, zero_grad)",
+    "Optimizer.zero_grad#Adam.zero_grad": "optimiser (fused Adam, zero_grad)",
+    "aten::_foreach_norm": "gradient norm and non-finite check",
+    "aten::binary_cross_entropy_with_logits": "loss (Bernoulli log-likelihood, KL terms)",
+    "BinaryCrossEntropyWithLogitsBackward0": "loss (Bernoulli log-likelihood, KL terms)",
+    "aten::max_pool1d": "maxout (max over 4 pieces, forward + backward)",
+    "MaxPool2DWithIndicesBackward0": "maxout (max over 4 pieces, forward + backward)",
 }
-#: Total CPU time (own ops included) of the planar stack's forward and backward nodes.
-STACK = ("PlanarStackFunction", "PlanarStackFunctionBackward")
+#: Ops outside those subtrees, by name.
+OPS = {
+    "aten::mm": "matrix products (mm, addmm)",
+    "aten::addmm": "matrix products (mm, addmm)",
+    "aten::bernoulli_": "batch and noise (index, binarise, randn)",
+    "aten::index": "batch and noise (index, binarise, randn)",
+    "aten::randint": "batch and noise (index, binarise, randn)",
+    "aten::random_": "batch and noise (index, binarise, randn)",
+    "aten::normal_": "batch and noise (index, binarise, randn)",
+    "aten::linalg_vector_norm": "gradient norm and non-finite check",
+    "aten::isfinite": "gradient norm and non-finite check",
+    "aten::_local_scalar_dense": "gradient norm and non-finite check",
+    "aten::softplus": "loss (Bernoulli log-likelihood, KL terms)",
+    "aten::softplus_backward": "loss (Bernoulli log-likelihood, KL terms)",
+    "aten::log_sigmoid_forward": "loss (Bernoulli log-likelihood, KL terms)",
+}
+OTHER_OPS = "other tensor ops (adds, sums, views, copies)"
+BOOKKEEPING = "autograd engine and dispatcher records"
+PYTHON = "Python between ops (profiled wall time - all ops)"
+ORDER = [
+    "matrix products (mm, addmm)",
+    "optimiser (fused Adam, zero_grad)",
+    "maxout (max over 4 pieces, forward + backward)",
+    "batch and noise (index, binarise, randn)",
+    "loss (Bernoulli log-likelihood, KL terms)",
+    "flow layers (planar stack, forward + backward)",
+    "gradient norm and non-finite check",
+    OTHER_OPS,
+    BOOKKEEPING,
+    PYTHON,
+]
 
 
-def head_ms(k: int, batch: int = 100, hidden: int = 400, repeats: int = 50) -> float:
-    """Milliseconds for the flow-parameter head's three matrix products alone (forward, and the
-    backward's input and weight gradients) at this batch: the floor under any amortised flow."""
-    x = torch.randn(batch, hidden)
-    weight = torch.randn(81 * k, hidden)
-    grad = torch.randn(batch, 81 * k)
+def group_of(event) -> str:
+    """The group an op's self time counts in: its nearest enclosing subtree, else its name."""
+    node = event
+    while node is not None:
+        if node.name in SUBTREES:
+            return SUBTREES[node.name]
+        node = node.cpu_parent
+    if event.name in OPS:
+        return OPS[event.name]
+    return OTHER_OPS if event.name.startswith("aten::") else BOOKKEEPING
 
-    def products():
-        x @ weight.t()
-        grad @ weight
-        grad.t() @ x
 
-    for _ in range(5):
-        products()
+def profile_steps(step, steps: int) -> tuple[Counter, float]:
+    """Milliseconds per step by group, and the profiled wall time per step."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps * 1e3
+    groups: Counter = Counter()
+    for event in prof.events():
+        groups[group_of(event)] += event.self_cpu_time_total / 1e3 / steps
+    groups[PYTHON] = max(0.0, wall - sum(groups.values()))
+    profile_steps.last = prof
+    return groups, wall
+
+
+def unprofiled_ms(step, steps: int) -> float:
     start = time.perf_counter()
-    for _ in range(repeats):
-        products()
-    return (time.perf_counter() - start) / repeats * 1e3
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def table(ks: list[int], groups: dict, walls: dict, plain: dict) -> str:
+    head = ["", *(f"K = {k}" for k in ks)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(ks)]
+    for name in ORDER:
+        cells = [f"{groups[k][name]:.2f} ({groups[k][name] / walls[k]:.0%})" for k in ks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| **step, profiled** | " + " | ".join(f"{walls[k]:.1f}" for k in ks) + " |")
+    lines.append("| **step, unprofiled** | " + " | ".join(f"{plain[k]:.1f}" for k in ks) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,30 +125,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default=bench.default_data_root())
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top", type=int, default=15, help="top ops listed per K (0: none)")
+    parser.add_argument("--top", type=int, default=0, help="top ops listed per K (0: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
+    groups, walls, plain = {}, {}, {}
     for k in args.ks:
         _, step = bench.flowvae_training(bench.vae_config(k, args, device), device)
         for _ in range(args.warmup):
             step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.steps):
-                step()
-        stats = {e.key: e for e in prof.key_averages()}
-        total = sum(e.self_cpu_time_total for e in stats.values())
-        ms = 1e-3 / args.steps
-        print(f"K = {k}: {total * ms:.1f} ms per step (profiled, {args.threads} thread(s))")
-        for name, keys in GROUPS.items():
-            own = sum(stats[key].self_cpu_time_total for key in keys if key in stats)
-            print(f"  {name:32s} {own * ms:6.2f} ms")
-        if k:
-            flow = sum(stats[key].cpu_time_total for key in STACK if key in stats)
-            print(f"  {'planar stack forward + backward':32s} {flow * ms:6.2f} ms")
-            print(f"  {'head products alone (unprofiled)':32s} {head_ms(k):6.2f} ms")
+        plain[k] = unprofiled_ms(step, args.steps)
+        groups[k], walls[k] = profile_steps(step, args.steps)
         if args.top:
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+            averages = profile_steps.last.key_averages()
+            print(f"K = {k}")
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=args.top))
+    print(f"Milliseconds per step (share of the profiled step), {args.threads} thread(s):\n")
+    print(table(args.ks, groups, walls, plain))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import baseline as bl  # noqa: E402
+import floor  # noqa: E402
 import torch  # noqa: E402
 
 from flowvae.config import load_config  # noqa: E402
@@ -116,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=default_data_root(), help="folder with MNIST IDX files")
     p.add_argument("--out", default=str(HERE / "results.md"), help=".md or .json")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the floor (the step's matrix products and optimiser step alone, per K)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -170,10 +176,16 @@ def density_config(args, device: torch.device):
     )
 
 
-def flowvae_training(cfg, device: torch.device):
-    """(experiment, step) where step() is flowvae.train.train_step, as the training loop runs it."""
+def flowvae_trainer(cfg, device: torch.device):
+    """The trainer `flowvae train` builds for ``cfg``."""
     trainer = build_trainer(cfg, device)
     wrap_model(trainer)
+    return trainer
+
+
+def flowvae_training(cfg, device: torch.device):
+    """(experiment, step) where step() is flowvae.train.train_step, as the training loop runs it."""
+    trainer = flowvae_trainer(cfg, device)
     state = {"step": 0, "skipped": 0, "last": None}
 
     def step():
@@ -467,7 +479,7 @@ def check_finite(name: str, state: dict, notes: list[str]) -> None:
 def bench_vae(args, device, sync, notes: list[str]) -> list[dict]:
     """Every K and both implementations timed in one interleaved set of blocks, so that the flow
     overhead t(K)/t(0) compares blocks run side by side, not minutes apart."""
-    fns, models = {}, {}
+    fns, models, products = {}, {}, {}
     for k in args.ks:
         log(f"[vae K={k}] building")
         experiment, fv = flowvae_training(vae_config(k, args, device), device)
@@ -478,6 +490,11 @@ def bench_vae(args, device, sync, notes: list[str]) -> list[dict]:
             notes.append(f"VAE K={k}: flowvae has {n_fv} parameters, the baseline {n_bl}")
         fns[("flowvae", k)], fns[("baseline", k)] = fv, base
         models[k] = n_fv
+        if not args.no_floor:
+            # A trainer of its own: the floor's optimiser steps must not move the timed weights.
+            trainer = flowvae_trainer(vae_config(k, args, device), device)
+            parts, products[k] = floor.floor_fns(trainer, lambda t=trainer: train_step(t, 0))
+            fns[("floor", k)], fns[("optimizer", k)] = parts["floor"], parts["optimizer"]
         if k in args.head_only_ks and k > 0:
             head_exp, fh = flowvae_training(vae_config(k, args, device), device)
             skip_flow(head_exp.model)
@@ -498,6 +515,9 @@ def bench_vae(args, device, sync, notes: list[str]) -> list[dict]:
         row["flowvae"], row["baseline"] = timing[("flowvae", k)], timing[("baseline", k)]
         if ("head only", k) in timing:
             row["head_only"] = timing[("head only", k)]
+        if ("floor", k) in timing:
+            row["floor"], row["optimizer"] = timing[("floor", k)], timing[("optimizer", k)]
+            row["gemm_flops"] = sum(p.flops for p in products[k])
         if ("flowvae+compile", k) in timing:
             check_finite(f"compiled VAE K={k}", fns[("flowvae+compile", k)].state, notes)
             row["compiled"] = timing[("flowvae+compile", k)]
@@ -720,7 +740,32 @@ def _vae_section(vae: list[dict], mem: list[dict]) -> list[str]:
         "",
         *_table(head, rows),
     ]
-    return lines + _head_only_table(vae, ref, ref_name) + _compiled_table(vae)
+    return lines + _floor_table(vae) + _head_only_table(vae, ref, ref_name) + _compiled_table(vae)
+
+
+def _floor_table(vae: list[dict]) -> list[str]:
+    rows = []
+    for row in vae:
+        if "floor" not in row:
+            continue
+        f, o = row["floor"]["median_s"], row["optimizer"]["median_s"]
+        step = row["flowvae"]["median_s"]
+        rows.append(
+            [str(row["k"]), f"{row['gemm_flops'] / 1e9:.2f}", f"{(f - o) * 1e3:.1f}"]
+            + [f"{row['gemm_flops'] / (f - o) / 1e9:.0f}", f"{o * 1e3:.1f}", f"{f * 1e3:.1f}"]
+            + [f"{step * 1e3:.1f}", f"**{f / step:.2f}**"]
+        )
+    if not rows:
+        return []
+    head = ["K", "GEMM GFLOP per step", "products ms", "GFLOP/s", "optimiser ms", "floor ms"]
+    head += ["flowvae step ms", "floor / step"]
+    intro = (
+        "The floor: the step's matrix products (every Linear's forward, input-gradient and "
+        "weight-gradient GEMM at the step's shapes) and then its optimiser step, run alone in "
+        "that order (benchmarks/floor.py), same blocks. floor / step = 1 would be a step that "
+        "spends nothing beyond them:"
+    )
+    return ["", intro, "", *_table(head, rows)]
 
 
 def _head_only_table(vae: list[dict], ref: dict | None, ref_name: str) -> list[str]:

@@ -31,7 +31,7 @@ from torch import Tensor
 from flowvae.errors import ConfigError
 
 # The repository's importance sampler: imported here, and only here, for the posterior view.
-from flowvae.importance import importance_nll
+from flowvae.importance import importance_nll, weight_diagnostics
 
 LOG_2PI = math.log(2 * math.pi)
 #: Cells whose log-density is this far below the peak hold a negligible share of the mass
@@ -220,12 +220,21 @@ def summary(grid: PosteriorGrid) -> dict[str, float]:
     }
 
 
-def importance_log_px(enc: Encoded, samples: int, seed: int = 0) -> float:
-    """log p(x) by the repository's importance sampler with q_K as the proposal, S samples."""
+def importance_log_px(enc: Encoded, samples: int, seed: int = 0) -> dict[str, float]:
+    """log p(x) by the repository's importance sampler with q_K as the proposal, S samples,
+    with what the weights say of their own reliability: the Pareto k̂ (above 0.7 the estimate
+    is not to be trusted: q_K misses mass of p(z|x)) and the delta-method standard error of
+    log p(x), sd(w) / (mean(w) √S)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         est = importance_nll(enc.model, enc.x, samples, max_rows=4000, generator=gen)
-    return -float(est.nll[0])
+    log_w = est.log_w[0].double()
+    w = torch.exp(log_w - log_w.max())
+    return {
+        "log_px_is": -float(est.nll[0]),
+        "is_khat": float(weight_diagnostics(est.log_w)["khat"][0]),
+        "is_stderr": float(w.std() / (w.mean() * math.sqrt(samples))),
+    }
 
 
 def analyse(
@@ -237,8 +246,7 @@ def analyse(
     grid = posterior_grid(enc, box)
     numbers = summary(grid)
     if iw_samples:
-        numbers["log_px_is"] = importance_log_px(enc, iw_samples, seed)
-        numbers["iw_samples"] = iw_samples
+        numbers.update(importance_log_px(enc, iw_samples, seed), iw_samples=iw_samples)
     return numbers, grid, enc
 
 

@@ -35,6 +35,9 @@ def test_every_item_is_timed_for_both_implementations(quick):
             assert math.isfinite(t["median_s"]) and t["median_s"] > 0, (row["k"], impl)
             assert t["min_s"] <= t["median_s"] <= t["max_s"]
     assert "head_only" in quick["vae"][1] and "head_only" not in quick["vae"][0]
+    for row in quick["vae"]:  # the floor: the step's products and optimiser step alone
+        assert 0 < row["optimizer"]["median_s"] < row["floor"]["median_s"]
+        assert row["gemm_flops"] > 1.5e9
     for row in quick["iw"]:
         assert row["flowvae"]["median_s"] > 0 and row["baseline"]["median_s"] > 0
     assert quick["density"]["flowvae"]["median_s"] > 0
@@ -58,4 +61,5 @@ def test_the_report_renders(quick, repo_root):
         sys.path.remove(str(repo_root / "benchmarks"))
     text = run.markdown(quick)
     assert "## 1. VAE training step" in text and "## 3. Density matching step" in text
+    assert "| floor / step |" in text
     assert quick["machine"]["torch"] in text
