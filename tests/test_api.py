@@ -1,7 +1,7 @@
 """The Python API against the CLI on the same checkpoints: flowvae.load(...) gives `flowvae eval
 --json`'s numbers to the last printed digit and `flowvae sample`'s arrays at the same seed, and
-flowvae.train(...) trains what `flowvae train` trains, bit for bit. The U1 reference run is the
-CLI in a process of its own; the other CLI calls run the same Typer app in this process."""
+flowvae.train(...) trains what `flowvae train` trains, bit for bit. The CLI calls run the Typer
+app in this process (tests/test_density_cli.py trains through `python -m flowvae`)."""
 
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ def vae_run(tmp_path_factory, mnist_dir):
 
 
 @pytest.fixture(scope="module")
-def energy_run(tmp_path_factory, run_cli):
+def energy_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("api-energy")
-    proc = run_cli("train", "--config", "energy", *DENSITY_SETS, "--no-progress", "--out",
-                   work / "run", cwd=work)  # fmt: skip
+    proc = invoke_cli("train", "--config", "energy", *DENSITY_SETS, "--no-progress", "--out",
+                      work / "run")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return work / "run"
 

@@ -129,7 +129,8 @@ def test_uniform_run_samples_and_picture(uniform_run, cli_in_process):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_vae_with_a_uniform_base_is_a_one_line_error(tmp_path, run_cli):
+def test_vae_with_a_uniform_base_is_a_one_line_error(tmp_path, cli_in_process):
+    run_cli = cli_in_process
     out = tmp_path / "vae"
     proc = run_cli("train", "--config", "mnist_quick", "--set", "model.base=uniform",
                    "--out", out, cwd=tmp_path)  # fmt: skip

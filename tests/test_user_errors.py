@@ -1,9 +1,11 @@
 """What a user meets every day, through the CLI: every mistake is one line on stderr and exit
 code 2 with nothing written, a resumed run is exactly what its folder says, `flowvae eval`
 records its result for `flowvae report`, and options that do not apply to a checkpoint are
-refused. A representative set runs the real CLI in a subprocess (`run_cli`: the real stderr,
-warnings and exit code of a fresh interpreter); the rest run the same Typer app in this process
-(`cli_in_process`), without the ~2 s interpreter and torch start-up of each."""
+refused. One error of each kind runs the real CLI in a subprocess (`run_cli`: the real stderr,
+warnings and exit code of a fresh interpreter: a missing dataset, NaN from the start, a resume
+with changed keys, a damaged checkpoint, out of memory, a failing sweep; tests/test_config.py
+runs a config error so); the rest run the same Typer app in this process (`cli_in_process`),
+without the ~2 s interpreter and torch start-up of each."""
 
 from __future__ import annotations
 
@@ -110,7 +112,8 @@ def unwritable_folder(tmp_path: Path) -> Path:
 # -- train ----------------------------------------------------------------------------------------
 
 
-def test_train_without_a_config_names_where_to_find_them(run_cli, tmp_path):
+def test_train_without_a_config_names_where_to_find_them(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     refused(run_cli, tmp_path, ["train", "--out", "run"], "needs a config", "flowvae configs")
 
 
@@ -257,7 +260,8 @@ def test_report_out_must_be_a_file_in_an_existing_folder(
     refused(run_cli, tmp_path, ["report", evaluated, "--out", out], *needles)
 
 
-def test_report_plot_given_a_folder_is_refused(evaluated, run_cli, tmp_path):
+def test_report_plot_given_a_folder_is_refused(evaluated, cli_in_process, tmp_path):
+    run_cli = cli_in_process
     (tmp_path / "pictures").mkdir()
     refused(run_cli, tmp_path, ["report", evaluated, "--plot", "pictures"], "is a folder")
 
