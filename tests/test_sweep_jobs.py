@@ -138,10 +138,14 @@ def test_shards_together_cover_the_grid_exactly_once(tmp_path, spawn_cli):
 
 
 def test_jobs_compute_what_one_run_at_a_time_computes(
-    tmp_path, spawn_cli, cli_in_process, repo_root, mnist_dir
+    tmp_path, cli_in_process, monkeypatch, repo_root, mnist_dir
 ):
     """Two VAE runs side by side in worker processes, one thread each, against the same two
-    one after another (in this process, also on one thread)."""
+    one after another (in this process, also on one thread). Both sweeps are led from this
+    process; the --jobs workers are `python -m flowvae` processes of this checkout."""
+    path = os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     base = [
         "sweep",
         "--config",
@@ -163,7 +167,9 @@ def test_jobs_compute_what_one_run_at_a_time_computes(
     alone = cli_in_process(*base, "--out", tmp_path / "alone")
     assert alone.returncode == 0, alone.stderr
     alone = alone.stderr
-    together = finish(start(spawn_cli, [*base, "--out", str(tmp_path / "together"), "--jobs", "2"]))
+    together = cli_in_process(*base, "--out", tmp_path / "together", "--jobs", "2")
+    assert together.returncode == 0, together.stderr
+    together = together.stderr
     assert "2 at a time, 1 thread(s) each" in together, together
     assert "k2: finished" in together and "k4: finished" in together, together
     for name in ("k2", "k4"):
