@@ -28,8 +28,19 @@ train:
 	$(FLOWVAE) eval $(RUN)/checkpoints/best.pt
 	$(FLOWVAE) sample $(RUN)/checkpoints/best.pt --out $(RUN)/figure3.png
 
+# The slow tests (-m slow) run in a second pytest beside the fast ones when JOBS > 1: on two
+# cores the full suite then takes about as long as its longer half (each test is single-threaded
+# but a few that start two processes). JOBS=1: the whole suite in one pytest, as before.
 test:
+ifeq ($(JOBS),1)
 	$(PYTHON) -m pytest -q
+else
+	@log=$$(mktemp); \
+	$(PYTHON) -m pytest -q -m slow -p no:cacheprovider >$$log 2>&1 & slow=$$!; \
+	$(PYTHON) -m pytest -q -m "not slow"; fast=$$?; \
+	wait $$slow; status=$$?; echo "== the slow tests (-m slow), run alongside:"; cat $$log; \
+	rm -f $$log; [ $$fast -eq 0 ] && [ $$status -eq 0 ]
+endif
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
