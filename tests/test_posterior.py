@@ -201,8 +201,8 @@ def test_posterior_cli_rejects_other_latent_dimensions(tmp_path, cli_in_process,
 @pytest.mark.slow
 def test_grid_and_importance_sampling_on_twenty_test_images(tmp_path, run_cli, mnist_dir):
     """The grid against importance sampling (S = 5,000) on 20 test images of a planar K = 10
-    model (one maxout layer of 100 units) trained for 2,000 updates: some images' q_K still
-    misses posterior mass (KL(p‖q_K) > 1 on two of the 20). The grid holds q_K's mass to 1e-3
+    model (one maxout layer of 100 units) trained for 1,000 updates: some images' q_K still
+    misses posterior mass (KL(p‖q_K) > 1 on three of the 20). The grid holds q_K's mass to 1e-3
     on every image. Where q_K is a usable proposal (KL(p‖q_K) < 0.5) the two agree within 0.1
     nats; elsewhere IS misses posterior mass q_K does not reach, or its heavy-tailed weights
     scatter it (the grid is converged there: docs/results.md); the median disagreement is
@@ -210,8 +210,8 @@ def test_grid_and_importance_sampling_on_twenty_test_images(tmp_path, run_cli, m
     out = tmp_path / "run"
     proc = run_cli(
         "train", "--config", "mnist_2d", "--set", f"data.root={mnist_dir}",
-        "--set", "train.steps=2000", "--set", "model.hidden=[100]", "--set", "data.valid_size=1000",
-        "--set", "train.eval_every=2000", "--set", "train.checkpoint_every=2000",
+        "--set", "train.steps=1000", "--set", "model.hidden=[100]", "--set", "data.valid_size=1000",
+        "--set", "train.eval_every=1000", "--set", "train.checkpoint_every=1000",
         "--no-progress", "--out", out, cwd=tmp_path, timeout=3600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
