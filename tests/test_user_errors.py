@@ -2,10 +2,10 @@
 code 2 with nothing written, a resumed run is exactly what its folder says, `flowvae eval`
 records its result for `flowvae report`, and options that do not apply to a checkpoint are
 refused. One error of each kind runs the real CLI in a subprocess (`run_cli`: the real stderr,
-warnings and exit code of a fresh interpreter: a missing dataset, NaN from the start, a resume
-with changed keys, a damaged checkpoint, out of memory, a failing sweep; tests/test_config.py
-runs a config error so); the rest run the same Typer app in this process (`cli_in_process`),
-without the ~2 s interpreter and torch start-up of each."""
+warnings and exit code of a fresh interpreter: a missing dataset, NaN from the start, a
+damaged checkpoint, out of memory, a failing sweep; tests/test_config.py runs a config error
+so); the rest run the same Typer app in this process (`cli_in_process`), without the ~2 s
+interpreter and torch start-up of each."""
 
 from __future__ import annotations
 
@@ -192,7 +192,8 @@ def test_progress_line_names_its_numbers(tmp_path):
 # -- resume ---------------------------------------------------------------------------------------
 
 
-def test_resume_with_a_changed_key_is_refused_and_the_run_is_untouched(run_cli, density_run):
+def test_resume_with_a_changed_key_is_refused_and_the_run_is_untouched(cli_in_process, density_run):
+    run_cli = cli_in_process
     args = ["train", "--out", density_run, "--resume", "--set=flow.k=8", "--set=train.steps=99"]
     line = refused(run_cli, density_run.parent, args)
     assert "flow.k (stored 2, asked 8)" in line and "train.steps (stored 30, asked 99)" in line
