@@ -28,11 +28,14 @@ train:
 	$(FLOWVAE) eval $(RUN)/checkpoints/best.pt
 	$(FLOWVAE) sample $(RUN)/checkpoints/best.pt --out $(RUN)/figure3.png
 
-# The slow tests (-m slow) run in a second pytest beside the fast ones when JOBS > 1: on two
+# The slow tests (-m slow) run in a second pytest beside the fast ones when TEST_JOBS > 1: on two
 # cores the full suite then takes about as long as its longer half (each test is single-threaded
-# but a few that start two processes). JOBS=1: the whole suite in one pytest, as before.
+# but a few that start two processes). TEST_JOBS=1: the whole suite in one pytest, as before.
+# The cores, not nproc's answer under OMP_NUM_THREADS=1 (which the tests' own processes use).
+TEST_JOBS ?= $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
+
 test:
-ifeq ($(JOBS),1)
+ifeq ($(TEST_JOBS),1)
 	$(PYTHON) -m pytest -q
 else
 	@log=$$(mktemp); \
