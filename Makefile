@@ -28,8 +28,22 @@ train:
 	$(FLOWVAE) eval $(RUN)/checkpoints/best.pt
 	$(FLOWVAE) sample $(RUN)/checkpoints/best.pt --out $(RUN)/figure3.png
 
+# The slow tests (-m slow) run in a second pytest beside the fast ones when TEST_JOBS > 1: on two
+# cores the full suite then takes about as long as its longer half (each test is single-threaded
+# but a few that start two processes). TEST_JOBS=1: the whole suite in one pytest, as before.
+# The cores, not nproc's answer under OMP_NUM_THREADS=1 (which the tests' own processes use).
+TEST_JOBS ?= $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
+
 test:
+ifeq ($(TEST_JOBS),1)
 	$(PYTHON) -m pytest -q
+else
+	@log=$$(mktemp); \
+	$(PYTHON) -m pytest -q -m slow -p no:cacheprovider >$$log 2>&1 & slow=$$!; \
+	$(PYTHON) -m pytest -q -m "not slow"; fast=$$?; \
+	wait $$slow; status=$$?; echo "== the slow tests (-m slow), run alongside:"; cat $$log; \
+	rm -f $$log; [ $$fast -eq 0 ] && [ $$status -eq 0 ]
+endif
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -1,6 +1,7 @@
 """The Python API against the CLI on the same checkpoints: flowvae.load(...) gives `flowvae eval
 --json`'s numbers to the last printed digit and `flowvae sample`'s arrays at the same seed, and
-flowvae.train(...) trains what `flowvae train` trains, bit for bit."""
+flowvae.train(...) trains what `flowvae train` trains, bit for bit. The CLI calls run the Typer
+app in this process (tests/test_density_cli.py trains through `python -m flowvae`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import invoke_cli
 
 import flowvae
 from flowvae.errors import ConfigError
@@ -22,23 +24,23 @@ DENSITY_SETS = [
 
 
 @pytest.fixture(scope="module")
-def vae_run(tmp_path_factory, mnist_dir, run_cli):
+def vae_run(tmp_path_factory, mnist_dir):
     work = tmp_path_factory.mktemp("api-vae")
-    proc = run_cli(
+    proc = invoke_cli(
         "train", "--config", "mnist_quick", "--set", f"data.root={mnist_dir}",
         "--set", "model.hidden=[64]", "--set", "flow.k=3", "--set", "train.steps=40",
         "--set", "train.eval_every=40", "--set", "data.valid_size=500", "--no-progress",
-        "--out", work / "run", cwd=work,
+        "--out", work / "run",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return work / "run"
 
 
 @pytest.fixture(scope="module")
-def energy_run(tmp_path_factory, run_cli):
+def energy_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("api-energy")
-    proc = run_cli("train", "--config", "energy", *DENSITY_SETS, "--no-progress", "--out",
-                   work / "run", cwd=work)  # fmt: skip
+    proc = invoke_cli("train", "--config", "energy", *DENSITY_SETS, "--no-progress", "--out",
+                      work / "run")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return work / "run"
 
@@ -49,7 +51,8 @@ def cli_json(run_cli, *args, cwd):
     return json.loads(proc.stdout)
 
 
-def test_vae_log_px_and_elbo_equal_eval_json(vae_run, run_cli, mnist_dir):
+def test_vae_log_px_and_elbo_equal_eval_json(vae_run, cli_in_process, mnist_dir):
+    run_cli = cli_in_process
     ckpt = vae_run / "checkpoints" / "best.pt"
     printed = cli_json(run_cli, ckpt, "--limit", "40", "--iw-samples", "25", "--seed", "3",
                        cwd=vae_run)  # fmt: skip
@@ -70,7 +73,8 @@ def test_vae_log_px_and_elbo_equal_eval_json(vae_run, run_cli, mnist_dir):
     assert float(vae.log_px(x, samples=50).mean()) > float(vae.elbo(x, samples=50).mean())
 
 
-def test_vae_posterior_decode_and_sample(vae_run, run_cli, tmp_path, mnist_dir):
+def test_vae_posterior_decode_and_sample(vae_run, cli_in_process, tmp_path, mnist_dir):
+    run_cli = cli_in_process
     vae = flowvae.load(vae_run / "checkpoints" / "best.pt", data_root=str(mnist_dir))
     x = vae.images("test")[:6]
     assert vae.image_shape == (28, 28)
@@ -99,7 +103,8 @@ def test_vae_posterior_decode_and_sample(vae_run, run_cli, tmp_path, mnist_dir):
     np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["probs"], pictures.reshape(9, -1))
 
 
-def test_density_kl_samples_and_log_q_equal_the_cli(energy_run, run_cli, tmp_path):
+def test_density_kl_samples_and_log_q_equal_the_cli(energy_run, cli_in_process, tmp_path):
+    run_cli = cli_in_process
     ckpt = energy_run / "checkpoints" / "best.pt"
     printed = cli_json(run_cli, ckpt, "--samples", "5000", "--seed", "7", cwd=tmp_path)
     q = flowvae.load(ckpt)

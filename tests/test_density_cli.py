@@ -4,6 +4,7 @@ and the informational commands."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -39,32 +40,19 @@ def test_u1_quadrature_is_converged():
 
 
 @pytest.fixture(scope="module")
-def energy_run(tmp_path_factory, run_cli):
+def energy_run(tmp_path_factory):
     """U1, planar K=4, trained long enough (1500 steps, β reaches 1 at step 500) for the
-    importance-weight check to be stable. Returns the run folder."""
+    importance-weight check to be stable, by the CLI in this process (tests/test_user_errors.py
+    trains U1 through `python -m flowvae`). Returns the run folder."""
     work = tmp_path_factory.mktemp("energy")
     out = work / "run"
-    proc = run_cli(
-        "train",
-        "--config",
-        "energy",
-        "--set",
-        f"train.steps={TRAIN_STEPS}",
-        "--set",
-        "flow.k=4",
-        "--set",
-        "train.anneal_steps=500",
-        "--set",
-        "train.eval_every=500",
-        "--set",
-        "train.checkpoint_every=500",
-        "--set",
-        "eval.valid_samples=2000",
-        "--no-progress",
-        "--out",
-        out,
-        cwd=work,
-    )
+    sets = [f"train.steps={TRAIN_STEPS}", "flow.k=4", "train.anneal_steps=500"]
+    sets += ["train.eval_every=500", "train.checkpoint_every=500", "eval.valid_samples=2000"]
+    with contextlib.chdir(work):
+        proc = invoke_cli(
+            "train", "--config", "energy", *(f"--set={s}" for s in sets), "--no-progress",
+            "--out", out,
+        )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (work / "runs").exists()  # --out was honoured

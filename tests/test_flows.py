@@ -179,6 +179,19 @@ CASES_WITH_HUGE_Z = case_params(with_huge=True)
 CASES = case_params(with_huge=False)
 
 
+def slow_numerical_inverse(param):
+    """A case whose inverse is solved numerically (no closed form) at D = 40 on stress
+    parameters takes seconds, not milliseconds: it runs with the slow tests; its D = 2 and D = 5
+    stress cases and its random D = 40 case stay in the fast set."""
+    name, _, dim, case, _ = param.values
+    if flows.get(name).exact_inverse or dim < 40 or case == "random":
+        return param
+    return pytest.param(*param.values, id=param.id, marks=[*param.marks, pytest.mark.slow])
+
+
+INVERSE_CASES = [slow_numerical_inverse(p) for p in CASES]
+
+
 # -- 1. log-det against the autograd Jacobian -----------------------------------------------------
 @pytest.mark.parametrize("name, mode, dim, case, huge", CASES_WITH_HUGE_Z)
 def test_log_det_matches_autograd_jacobian(name, mode, dim, case, huge):
@@ -249,7 +262,7 @@ def test_constraints(name):
 
 
 # -- 3. invertibility, finiteness and gradients ---------------------------------------------------
-@pytest.mark.parametrize("name, mode, dim, case, huge", CASES)
+@pytest.mark.parametrize("name, mode, dim, case, huge", INVERSE_CASES)
 def test_inverse_round_trips(name, mode, dim, case, huge):
     assert not huge  # CASES are at unit scale
     gen = generator("y", name, mode, dim, case)

@@ -276,8 +276,11 @@ def test_a_file_flow_trains_a_vae_amortised_and_global(tmp_path, mnist_dir):
     for amortized in ("true", "false"):
         out = tmp_path / f"vae-{amortized}"
         args = [*common, "--set", f"flow.amortized={amortized}", "--out", out]
-        cli("train", *args, "--set", "train.steps=10", cwd=tmp_path)
-        cli("train", *args, "--set", "train.steps=20", "--resume", cwd=tmp_path)
+        if amortized == "true":  # stopped at 10 and resumed (the U1 test resumes a global flow)
+            cli("train", *args, "--set", "train.steps=10", cwd=tmp_path)
+            cli("train", *args, "--set", "train.steps=20", "--resume", cwd=tmp_path)
+        else:
+            cli("train", *args, "--set", "train.steps=20", cwd=tmp_path)
         assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 20
         has_head = any(k.startswith("flow_head") for k in weights(out))
         assert has_head == (amortized == "true")

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import invoke_cli
 
 from flowvae.errors import ConfigError
 from flowvae.experiments.vae import FlowVAE
@@ -123,19 +124,22 @@ def test_parse_indices():
 
 
 @pytest.fixture(scope="module")
-def run_2d(tmp_path_factory, run_cli, mnist_dir):
-    work = tmp_path_factory.mktemp("post")
-    out = work / "run"
-    proc = run_cli(
+def run_2d(tmp_path_factory, mnist_dir):
+    """300 updates of mnist_2d with one maxout layer of 100 units (not 400): trained enough
+    that q_K is a usable proposal for importance sampling on the images below."""
+    out = tmp_path_factory.mktemp("post") / "run"
+    proc = invoke_cli(
         "train", "--config", "mnist_2d", "--set", f"data.root={mnist_dir}",
-        "--set", "train.steps=600", "--set", "train.eval_every=600",
-        "--set", "train.checkpoint_every=600", "--no-progress", "--out", out, cwd=work,
+        "--set", "model.hidden=[100]", "--set", "data.valid_size=1000",
+        "--set", "train.steps=300", "--set", "train.eval_every=300",
+        "--set", "train.checkpoint_every=300", "--no-progress", "--out", out,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return out
 
 
-def test_posterior_cli_json_and_png(run_2d, run_cli, mnist_dir):
+def test_posterior_cli_json_and_png(run_2d, cli_in_process, mnist_dir):
+    run_cli = cli_in_process
     png = run_2d / "post.png"
     proc = run_cli(
         "posterior", run_2d / "checkpoints" / "best.pt", "--images", "0,7", "--out", png,
@@ -169,7 +173,8 @@ def test_posterior_cli_logs_tensorboard_view(run_2d):
         (["--split", "train"], "--split 'train' is not allowed"),
     ],
 )
-def test_posterior_cli_bad_input(run_2d, run_cli, mnist_dir, tmp_path, args, message):
+def test_posterior_cli_bad_input(run_2d, cli_in_process, mnist_dir, tmp_path, args, message):
+    run_cli = cli_in_process
     proc = run_cli(
         "posterior", run_2d / "checkpoints" / "best.pt", "--data-root", mnist_dir, *args,
         cwd=tmp_path,
@@ -178,7 +183,8 @@ def test_posterior_cli_bad_input(run_2d, run_cli, mnist_dir, tmp_path, args, mes
     assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
 
-def test_posterior_cli_rejects_other_latent_dimensions(tmp_path, run_cli, mnist_dir):
+def test_posterior_cli_rejects_other_latent_dimensions(tmp_path, cli_in_process, mnist_dir):
+    run_cli = cli_in_process
     out = tmp_path / "run40"
     proc = run_cli(
         "train", "--config", "mnist_2d", "--set", f"data.root={mnist_dir}", "--set",
@@ -195,14 +201,18 @@ def test_posterior_cli_rejects_other_latent_dimensions(tmp_path, run_cli, mnist_
 @pytest.mark.slow
 def test_grid_and_importance_sampling_on_twenty_test_images(tmp_path, run_cli, mnist_dir):
     """The grid against importance sampling (S = 5,000) on 20 test images of a planar K = 10
-    model trained for 5,000 updates. The grid holds q_K's mass to 1e-3 on every image. Where
-    q_K is a usable proposal (KL(p‖q_K) < 0.5) the two agree within 0.1 nats; elsewhere IS
-    misses posterior mass q_K does not reach, or its heavy-tailed weights scatter it (the grid
-    is converged there: docs/results.md); the median disagreement is below 0.05 nats."""
+    model (one maxout layer of 100 units) trained for 1,000 updates: some images' q_K still
+    misses posterior mass (KL(p‖q_K) > 1 on three of the 20). The grid holds q_K's mass to 1e-3
+    on every image. Where q_K is a usable proposal (KL(p‖q_K) < 0.5) the two agree within 0.1
+    nats; elsewhere IS misses posterior mass q_K does not reach, or its heavy-tailed weights
+    scatter it (the grid is converged there: docs/results.md); the median disagreement is
+    below 0.05 nats."""
     out = tmp_path / "run"
     proc = run_cli(
         "train", "--config", "mnist_2d", "--set", f"data.root={mnist_dir}",
-        "--set", "train.steps=5000", "--no-progress", "--out", out, cwd=tmp_path, timeout=3600,
+        "--set", "train.steps=1000", "--set", "model.hidden=[100]", "--set", "data.valid_size=1000",
+        "--set", "train.eval_every=1000", "--set", "train.checkpoint_every=1000",
+        "--no-progress", "--out", out, cwd=tmp_path, timeout=3600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     proc = run_cli(

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import invoke_cli
 
 from flowvae import flows
 from flowvae.bases import BASES, uniform_noise_log_prob
@@ -86,20 +87,21 @@ def test_gaussian_bases_draw_the_same_noise_as_before():
 
 
 @pytest.fixture(scope="module")
-def uniform_run(tmp_path_factory, run_cli):
+def uniform_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("uniform")
     out = work / "run"
-    proc = run_cli(
+    proc = invoke_cli(
         "train", "--config", "energy", "--set", "model.base=uniform", "--set", "flow.k=8",
         "--set", "train.steps=400", "--set", "train.anneal_steps=100",
         "--set", "train.eval_every=200", "--set", "train.checkpoint_every=200",
-        "--set", "eval.valid_samples=2000", "--no-progress", "--out", out, cwd=work,
+        "--set", "eval.valid_samples=2000", "--no-progress", "--out", out,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return out
 
 
-def test_uniform_u1_run_trains_and_evaluates(uniform_run, run_cli):
+def test_uniform_u1_run_trains_and_evaluates(uniform_run, cli_in_process):
+    run_cli = cli_in_process
     proc = run_cli(
         "eval", uniform_run / "checkpoints" / "last.pt", "--json", "--samples", "20000",
         cwd=uniform_run,
@@ -115,7 +117,8 @@ def test_uniform_u1_run_trains_and_evaluates(uniform_run, run_cli):
     assert "base: uniform" in config
 
 
-def test_uniform_run_samples_and_picture(uniform_run, run_cli):
+def test_uniform_run_samples_and_picture(uniform_run, cli_in_process):
+    run_cli = cli_in_process
     npz, png = uniform_run / "z.npz", uniform_run / "q.png"
     for path in (npz, png):
         proc = run_cli("sample", uniform_run / "checkpoints" / "last.pt", "--out", path,
@@ -126,7 +129,8 @@ def test_uniform_run_samples_and_picture(uniform_run, run_cli):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_vae_with_a_uniform_base_is_a_one_line_error(tmp_path, run_cli):
+def test_vae_with_a_uniform_base_is_a_one_line_error(tmp_path, cli_in_process):
+    run_cli = cli_in_process
     out = tmp_path / "vae"
     proc = run_cli("train", "--config", "mnist_quick", "--set", "model.base=uniform",
                    "--out", out, cwd=tmp_path)  # fmt: skip
@@ -135,6 +139,7 @@ def test_vae_with_a_uniform_base_is_a_one_line_error(tmp_path, run_cli):
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_keys_documents_the_uniform_base(run_cli, tmp_path):
+def test_keys_documents_the_uniform_base(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     proc = run_cli("keys", cwd=tmp_path)
     assert proc.returncode == 0 and "uniform" in proc.stdout and "[-2, 2]" in proc.stdout

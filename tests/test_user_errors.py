@@ -1,7 +1,11 @@
-"""What a user meets every day, through the real CLI in a subprocess: every mistake is one line
-on stderr and exit code 2 with nothing written, a resumed run is exactly what its folder says,
-`flowvae eval` records its result for `flowvae report`, and options that do not apply to a
-checkpoint are refused."""
+"""What a user meets every day, through the CLI: every mistake is one line on stderr and exit
+code 2 with nothing written, a resumed run is exactly what its folder says, `flowvae eval`
+records its result for `flowvae report`, and options that do not apply to a checkpoint are
+refused. One error of each kind runs the real CLI in a subprocess (`run_cli`: the real stderr,
+warnings and exit code of a fresh interpreter: a missing dataset, NaN from the start, a
+damaged checkpoint, out of memory, a failing sweep; tests/test_config.py runs a config error
+so); the rest run the same Typer app in this process (`cli_in_process`), without the ~2 s
+interpreter and torch start-up of each."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import invoke_cli
 from typer.testing import CliRunner
 
 from flowvae import checkpoint
@@ -61,8 +66,8 @@ def one_error(proc, *needles: str) -> str:
 
 
 def refused(run_cli, cwd: Path, args: list, *needles: str, watch: Path | None = None) -> str:
-    """Run a command that must fail: one line, exit 2, and nothing new (or changed) in ``cwd``
-    nor in ``watch``."""
+    """Run a command that must fail (``run_cli``: in a subprocess or in this process): one line,
+    exit 2, and nothing new (or changed) in ``cwd`` nor in ``watch``."""
     folders = [cwd] + ([watch] if watch else [])
     before = [listing(f) for f in folders]
     proc = run_cli(*args, cwd=cwd)
@@ -73,19 +78,19 @@ def refused(run_cli, cwd: Path, args: list, *needles: str, watch: Path | None = 
 
 
 @pytest.fixture(scope="module")
-def density_run(tmp_path_factory, run_cli) -> Path:
+def density_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("density")
-    proc = run_cli("train", "--config", "energy", *sets(*TINY), "--out", "run", cwd=work)
+    proc = invoke_cli("train", "--config", "energy", *sets(*TINY), "--out", work / "run")
     assert proc.returncode == 0, proc.stderr
     return work / "run"
 
 
 @pytest.fixture(scope="module")
-def vae_run(tmp_path_factory, run_cli, mnist_dir) -> Path:
+def vae_run(tmp_path_factory, mnist_dir) -> Path:
     work = tmp_path_factory.mktemp("vae")
-    args = ["train", "--config", "mnist_quick", "--out", "run", "--no-progress"]
+    args = ["train", "--config", "mnist_quick", "--out", work / "run", "--no-progress"]
     args += sets(f"data.root={mnist_dir}", "train.steps=2", "model.hidden=[50]", "flow.k=2")
-    proc = run_cli(*args, "--set=train.eval_every=2", "--set=data.valid_size=100", cwd=work)
+    proc = invoke_cli(*args, "--set=train.eval_every=2", "--set=data.valid_size=100")
     assert proc.returncode == 0, proc.stderr
     return work / "run"
 
@@ -107,11 +112,13 @@ def unwritable_folder(tmp_path: Path) -> Path:
 # -- train ----------------------------------------------------------------------------------------
 
 
-def test_train_without_a_config_names_where_to_find_them(run_cli, tmp_path):
+def test_train_without_a_config_names_where_to_find_them(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     refused(run_cli, tmp_path, ["train", "--out", "run"], "needs a config", "flowvae configs")
 
 
-def test_a_batch_that_cannot_fit_is_refused_before_training(run_cli, tmp_path):
+def test_a_batch_that_cannot_fit_is_refused_before_training(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     line = refused(
         run_cli, tmp_path, ["train", "--config", "energy", "--set=train.batch_size=100000000"]
     )
@@ -123,7 +130,8 @@ def test_missing_dataset_leaves_no_run_folder(run_cli, tmp_path):
     refused(run_cli, tmp_path, [*args, *sets(f"data.root={tmp_path}", "data.download=false")])
 
 
-def test_a_text_file_given_as_npz_leaves_no_run_folder(run_cli, tmp_path):
+def test_a_text_file_given_as_npz_leaves_no_run_folder(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     bad = tmp_path / "mine.npz"
     bad.write_text("not an archive\n")
     args = ["train", "--config", "mnist_quick", "--out", "run"]
@@ -142,7 +150,8 @@ def test_nan_from_the_start_leaves_nothing_and_warns_once(run_cli, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_nan_stop_keeps_the_last_good_checkpoint_and_says_where(run_cli, tmp_path):
+def test_nan_stop_keeps_the_last_good_checkpoint_and_says_where(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     nan = sets(*TINY, "train.lr=1e6", "train.grad_clip=0", "train.steps=200")
     nan += sets("train.checkpoint_every=1", "train.log_every=1")  # step 1 is still finite
     proc = run_cli(
@@ -158,7 +167,8 @@ def test_nan_stop_keeps_the_last_good_checkpoint_and_says_where(run_cli, tmp_pat
         assert torch.isfinite(tensor).all()
 
 
-def test_the_warm_up_longer_than_the_run_is_said_and_numbers_have_units(run_cli, tmp_path):
+def test_the_warm_up_longer_than_the_run_is_said_and_numbers_have_units(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     proc = run_cli("train", "--config", "energy", *sets(*TINY), "--out", "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     beta = 0.01 + 30 / 5000
@@ -182,20 +192,23 @@ def test_progress_line_names_its_numbers(tmp_path):
 # -- resume ---------------------------------------------------------------------------------------
 
 
-def test_resume_with_a_changed_key_is_refused_and_the_run_is_untouched(run_cli, density_run):
+def test_resume_with_a_changed_key_is_refused_and_the_run_is_untouched(cli_in_process, density_run):
+    run_cli = cli_in_process
     args = ["train", "--out", density_run, "--resume", "--set=flow.k=8", "--set=train.steps=99"]
     line = refused(run_cli, density_run.parent, args)
     assert "flow.k (stored 2, asked 8)" in line and "train.steps (stored 30, asked 99)" in line
 
 
-def test_resume_with_another_config_file_is_refused(run_cli, density_run):
+def test_resume_with_another_config_file_is_refused(cli_in_process, density_run):
+    run_cli = cli_in_process
     args = ["train", "--config", "energy", "--out", density_run, "--resume"]
     refused(run_cli, density_run.parent, args, "flow.k (stored 2, asked 32)")
 
 
-def test_resume_stopped_at_a_random_step_ends_bit_exact(tmp_path, spawn_cli, run_cli):
-    """SIGTERM at a seeded random moment, then `train --out RUN --resume` and nothing else:
-    the stored config (its cosine schedule over train.steps) is continued exactly."""
+def test_resume_stopped_at_a_random_step_ends_bit_exact(tmp_path, spawn_cli, cli_in_process):
+    """SIGTERM at a seeded random moment to a real process, then `train --out RUN --resume` and
+    nothing else: the stored config (its cosine schedule over train.steps) is continued
+    exactly."""
     steps = 400
     cfg = [*TINY, f"train.steps={steps}", "train.log_every=1"]
     ref = tmp_path / "reference"
@@ -211,7 +224,7 @@ def test_resume_stopped_at_a_random_step_ends_bit_exact(tmp_path, spawn_cli, run
     stopped = checkpoint.load(run / "checkpoints" / "last.pt")["step"]
     assert proc.returncode == 128 + signal.SIGTERM and 0 < stopped < steps, (stopped, stderr)
 
-    done = run_cli("train", "--out", run, "--resume", "--no-progress", cwd=tmp_path)
+    done = cli_in_process("train", "--out", run, "--resume", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     a = checkpoint.load(ref / "checkpoints" / "last.pt")
     b = checkpoint.load(run / "checkpoints" / "last.pt")
@@ -229,8 +242,8 @@ def test_resume_stopped_at_a_random_step_ends_bit_exact(tmp_path, spawn_cli, run
 
 
 @pytest.fixture(scope="module")
-def evaluated(density_run, run_cli) -> Path:
-    proc = run_cli("eval", density_run / "checkpoints" / "best.pt", "--samples", "200")
+def evaluated(density_run) -> Path:
+    proc = invoke_cli("eval", density_run / "checkpoints" / "best.pt", "--samples", "200")
     assert proc.returncode == 0, proc.stderr
     return density_run
 
@@ -240,20 +253,23 @@ def evaluated(density_run, run_cli) -> Path:
     [("folder", ["is a folder", "--out"]), ("no-parent", ["does not exist"])],
 )
 def test_report_out_must_be_a_file_in_an_existing_folder(
-    evaluated, run_cli, tmp_path, where, needles
+    evaluated, cli_in_process, tmp_path, where, needles
 ):
+    run_cli = cli_in_process
     (tmp_path / "existing").mkdir()
     out = tmp_path / ("existing" if where == "folder" else "missing/report.md")
     refused(run_cli, tmp_path, ["report", evaluated, "--out", out], *needles)
 
 
-def test_report_plot_given_a_folder_is_refused(evaluated, run_cli, tmp_path):
+def test_report_plot_given_a_folder_is_refused(evaluated, cli_in_process, tmp_path):
+    run_cli = cli_in_process
     (tmp_path / "pictures").mkdir()
     refused(run_cli, tmp_path, ["report", evaluated, "--plot", "pictures"], "is a folder")
 
 
 @pytest.mark.parametrize("command", ["report", "sample"])
-def test_output_in_a_read_only_place(evaluated, run_cli, tmp_path, command):
+def test_output_in_a_read_only_place(evaluated, cli_in_process, tmp_path, command):
+    run_cli = cli_in_process
     folder = unwritable_folder(tmp_path)
     target = folder / "out.png"
     what = [evaluated] if command == "report" else [evaluated / "checkpoints" / "best.pt"]
@@ -262,7 +278,10 @@ def test_output_in_a_read_only_place(evaluated, run_cli, tmp_path, command):
 
 
 @pytest.mark.parametrize("where", ["folder", "no-parent"])
-def test_sample_out_must_be_a_file_in_an_existing_folder(density_run, run_cli, tmp_path, where):
+def test_sample_out_must_be_a_file_in_an_existing_folder(
+    density_run, cli_in_process, tmp_path, where
+):
+    run_cli = cli_in_process
     (tmp_path / "grid.png").mkdir()
     out = "grid.png" if where == "folder" else "missing/grid.png"
     args = ["sample", density_run / "checkpoints" / "best.pt", "--out", out]
@@ -289,8 +308,19 @@ def test_a_sample_count_that_cannot_be_allocated(density_run, run_cli, tmp_path)
 # -- checkpoints ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["truncated", "text", "npz", "empty"])
-def test_damaged_or_foreign_checkpoints_say_what_is_wrong(density_run, run_cli, tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind, runner",
+    [
+        ("truncated", "run_cli"),  # one in a fresh process, the others in this one
+        ("text", "cli_in_process"),
+        ("npz", "cli_in_process"),
+        ("empty", "cli_in_process"),
+    ],
+)
+def test_damaged_or_foreign_checkpoints_say_what_is_wrong(
+    density_run, request, tmp_path, kind, runner
+):
+    run_cli = request.getfixturevalue(runner)
     good = (density_run / "checkpoints" / "last.pt").read_bytes()
     path = tmp_path / "bad.pt"
     if kind == "truncated":
@@ -324,13 +354,17 @@ def test_damaged_or_foreign_checkpoints_say_what_is_wrong(density_run, run_cli, 
         (["sample", "{ckpt}", "--reconstruct", "--out", "r.png"], "--reconstruct"),
     ],
 )
-def test_options_for_vae_runs_are_refused_on_a_density_checkpoint(evaluated, run_cli, args, option):
+def test_options_for_vae_runs_are_refused_on_a_density_checkpoint(
+    evaluated, cli_in_process, args, option
+):
+    run_cli = cli_in_process
     ckpt = str(evaluated / "checkpoints" / "best.pt")
     args = [ckpt if a == "{ckpt}" else a for a in args]
     refused(run_cli, evaluated.parent, args, option, "does not apply to a density checkpoint")
 
 
-def test_samples_option_is_refused_on_a_vae_checkpoint(vae_run, run_cli):
+def test_samples_option_is_refused_on_a_vae_checkpoint(vae_run, cli_in_process):
+    run_cli = cli_in_process
     args = ["eval", vae_run / "checkpoints" / "best.pt", "--samples", "10"]
     refused(run_cli, vae_run.parent, args, "--samples", "does not apply to a vae checkpoint")
 
@@ -338,7 +372,8 @@ def test_samples_option_is_refused_on_a_vae_checkpoint(vae_run, run_cli):
 # -- what works -----------------------------------------------------------------------------------
 
 
-def test_eval_records_its_result_where_report_finds_it(density_run, run_cli, tmp_path):
+def test_eval_records_its_result_where_report_finds_it(density_run, cli_in_process, tmp_path):
+    run_cli = cli_in_process
     ckpt = density_run / "checkpoints" / "best.pt"
     proc = run_cli("eval", ckpt, "--samples", "300", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -350,7 +385,8 @@ def test_eval_records_its_result_where_report_finds_it(density_run, run_cli, tmp
     assert f"{printed['kl']:.4f}" in report.stdout
 
 
-def test_eval_merges_sample_sizes_as_sweep_does(vae_run, run_cli):
+def test_eval_merges_sample_sizes_as_sweep_does(vae_run, cli_in_process):
+    run_cli = cli_in_process
     ckpt = vae_run / "checkpoints" / "best.pt"
     common = ["--limit", "20", "--json"]
     first = run_cli("eval", ckpt, "--iw-samples", "5", *common)
@@ -366,7 +402,8 @@ def test_eval_merges_sample_sizes_as_sweep_does(vae_run, run_cli):
     assert recorded["split"] == "valid" and "by_samples" not in recorded
 
 
-def test_sample_on_a_vae_draws_a_grid_of_64(vae_run, run_cli, tmp_path):
+def test_sample_on_a_vae_draws_a_grid_of_64(vae_run, cli_in_process, tmp_path):
+    run_cli = cli_in_process
     ckpt = vae_run / "checkpoints" / "best.pt"
     proc = run_cli("sample", ckpt, "--out", tmp_path / "s.npz", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -376,14 +413,16 @@ def test_sample_on_a_vae_draws_a_grid_of_64(vae_run, run_cli, tmp_path):
 # -- small ones -----------------------------------------------------------------------------------
 
 
-def test_help_shows_no_bool_metavar_and_plain_argument_names(run_cli, tmp_path):
+def test_help_shows_no_bool_metavar_and_plain_argument_names(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     proc = run_cli("eval", "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "<bool>" not in proc.stdout and "{checkpoint}" not in proc.stdout
     assert "[OPTIONS] CHECKPOINT" in proc.stdout
 
 
-def test_keys_lists_the_allowed_values(run_cli, tmp_path):
+def test_keys_lists_the_allowed_values(cli_in_process, tmp_path):
+    run_cli = cli_in_process
     proc = run_cli("keys", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.replace("│", " ").split())  # a wrapped cell, joined again
@@ -415,8 +454,9 @@ def test_eval_table_title_is_never_wrapped_mid_path(density_run, tmp_path):
     assert str(ckpt) in result.stdout.splitlines()
 
 
-def test_nothing_is_left_in_the_current_folder_by_a_refused_train(run_cli, tmp_path):
+def test_nothing_is_left_in_the_current_folder_by_a_refused_train(cli_in_process, tmp_path):
     """A resumed run that is not there: one line, and no folder made for it."""
+    run_cli = cli_in_process
     refused(run_cli, tmp_path, ["train", "--out", "nothing-here", "--resume"], "no checkpoint")
     assert not os.path.exists(tmp_path / "nothing-here")
 

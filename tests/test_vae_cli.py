@@ -1,4 +1,4 @@
-"""The flow VAE end to end on the real MNIST files through the real CLI: a few hundred steps of
+"""The flow VAE end to end on the real MNIST files through the CLI: a few hundred steps of
 training, importance-sampled evaluation against an untrained model, and the sample outputs."""
 
 from __future__ import annotations
@@ -8,16 +8,18 @@ import math
 
 import numpy as np
 import pytest
+from conftest import invoke_cli
 
 TRAIN_STEPS = 300
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def vae_runs(tmp_path_factory, mnist_dir, run_cli):
+def vae_runs(tmp_path_factory, mnist_dir):
     """{'trained': run folder after 300 steps, 'untrained': the same model after 1 step}. The
-    trained run is the real CLI in a process of its own on the real MNIST files; the untrained
-    one, only a reference, is trained in this process."""
+    trained run is the CLI (the Typer app, in this process) on the real MNIST files; the
+    untrained one, only a reference, is trained by flowvae.train.train. (VAE runs on MNIST
+    train in `python -m flowvae` processes in tests/test_sweep_jobs.py's --jobs workers.)"""
     from flowvae.config import load_config
     from flowvae.train import train
 
@@ -26,8 +28,7 @@ def vae_runs(tmp_path_factory, mnist_dir, run_cli):
     sets += ["data.valid_size=1000"]
     trained = work / "trained"
     args = [a for s in [*sets, f"train.steps={TRAIN_STEPS}"] for a in ("--set", s)]
-    proc = run_cli("train", "--config", "mnist_quick", *args, "--no-progress", "--out", trained,
-                   cwd=work)  # fmt: skip
+    proc = invoke_cli("train", "--config", "mnist_quick", *args, "--no-progress", "--out", trained)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     untrained = work / "untrained"
