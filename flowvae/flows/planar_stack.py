@@ -87,30 +87,6 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _grad_preactivations(g_a: Tensor, g_t: Tensor, h: Tensor, coupling: Tensor) -> None:
-    """∂L/∂a of one block into ``g_a`` (B, m), last layer first, from ``g_t`` (B, m): ∂L/∂t_k
-    through the block's output and log-det term k. Every layer k adds to each earlier column j
-    what t_j changes in a_k, coupling[j, k]·∂L/∂a_k; once every later layer has added, column k
-    is final and ∂L/∂a_k = h_k ∂L/∂t_k."""
-    g_a_columns = g_a.split(1, dim=1)
-    if coupling.shape[0] == 1 and g_a.shape[0] != 1:
-        # Shared coupling (1, m, m): the recursion on ∂L/∂t, one column of h at a time.
-        # (Adding to columns k and later is harmless: they are never read again.)
-        g_t_columns, h_columns, into = g_t.split(1, dim=1), h.split(1, dim=1), coupling.unbind(2)
-        for k in range(len(g_a_columns) - 1, -1, -1):
-            g_ak = torch.mul(g_t_columns[k], h_columns[k], out=g_a_columns[k])
-            if k:
-                g_t.addcmul_(g_ak, into[k])
-        return
-    # One coupling per row: h folds into it, into[k][j] = h_j coupling[j, k] (zero for
-    # j >= k), and the recursion runs on ∂L/∂a directly, one op per layer.
-    torch.mul(g_t, h, out=g_a)
-    into = torch.tril(coupling.transpose(-1, -2) * h.unsqueeze(1), diagonal=-1)
-    for k in range(len(g_a_columns) - 1, 0, -1):
-        # Columns < k and column k are disjoint: one op may read the one and write the others.
-        g_a[:, :k].addcmul_(g_a_columns[k], into[:, k, :k])
-
-
 class PlanarStackFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -124,11 +100,8 @@ class PlanarStackFunction(torch.autograd.Function):
         c = (s - 1.0 - wu) / wsq
         u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
         off = wsq.sqrt() * b[..., 0] if scaled else b[..., 0]
-        batch, k_all = z.shape[0], u.shape[1]
-        t = z.new_empty(batch, k_all)  # every t_k, written in place by the recursion
-        t_columns = t.split(1, dim=1)
-        saved = []
-        for k0 in range(0, k_all, block):
+        ts, saved = [], []
+        for k0 in range(0, u.shape[1], block):
             w_t = w[:, k0 : k0 + block].transpose(-1, -2)  # (P, D, m)
             u_hat_b = u_hat[:, k0 : k0 + block]
             # coupling[j, k] = û_jᵀw_k: what t_j adds to a_k. Only j < k is ever used: the
@@ -137,13 +110,16 @@ class PlanarStackFunction(torch.autograd.Function):
             pre = _row_times(off[:, k0 : k0 + block], z, w_t)  # (B, m) pending a_k
             columns = pre.split(1, dim=1)
             rows = coupling.unbind(1)
-            last = len(columns) - 1
-            for k in range(last):
-                t_k = torch.tanh(columns[k], out=t_columns[k0 + k])
-                pre.addcmul_(t_k, rows[k])
-            torch.tanh(columns[last], out=t_columns[k0 + last])
+            t_b = []
+            for k in range(len(columns)):
+                t = torch.tanh(columns[k])
+                t_b.append(t)
+                pre.addcmul_(t, rows[k])
+            t_b = torch.cat(t_b, dim=1)  # (B, m)
             saved.append((z, coupling))
-            z = _row_times(z, t[:, k0 : k0 + block], u_hat_b)
+            ts.append(t_b)
+            z = _row_times(z, t_b, u_hat_b)
+        t = _cat(ts, 1)  # (B, K)
         t_sq = t * t
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s, h)
@@ -162,24 +138,35 @@ class PlanarStackFunction(torch.autograd.Function):
         # A gradient broadcast from a scalar (loss = y.sum()) has zero strides, which sends the
         # batched products below to one small product per row; one copy avoids that.
         g = g_y.contiguous()  # ∂L/∂z at the output of the current block
-        g_a = torch.empty_like(t)  # ∂L/∂a_k, written in place block by block
-        g_uhats, g_ws = [], []
+        g_as, g_uhats, g_ws = [], [], []
         for i in range(len(blocks) - 1, -1, -1):
             z_in, coupling = blocks[i]
             k0 = i * block
-            w_b, u_hat_b, t_b, h_b = (x[:, k0 : k0 + block] for x in (w, u_hat, t, h))
-            g_a_b = g_a[:, k0 : k0 + block]
+            w_b, u_hat_b, t_b = (x[:, k0 : k0 + block] for x in (w, u_hat, t))
+            # ∂L/∂t_k through the block's output and log-det term k, then through every later
+            # pre-activation in the block, last layer first: once every layer after k has added
+            # to column k, ∂L/∂a_k = h_k ∂L/∂t_k. (Adding to columns k and later afterwards is
+            # harmless: they are never read again.)
             g_t = _row_times(ld_t[:, k0 : k0 + block], g, u_hat_b.transpose(-1, -2))
-            _grad_preactivations(g_a_b, g_t, h_b, coupling)
-            g_coupling = torch.triu(_outer(t_b, g_a_b, shared), diagonal=1)
+            columns = g_t.split(1, dim=1)
+            h_columns = h[:, k0 : k0 + block].split(1, dim=1)
+            into = coupling.unbind(2)
+            g_a = []
+            for k in range(len(columns) - 1, -1, -1):
+                g_ak = columns[k] * h_columns[k]
+                g_a.append(g_ak)
+                g_t.addcmul_(g_ak, into[k])
+            g_a = torch.cat(g_a[::-1], dim=1)  # (B, m)
+            g_coupling = torch.triu(_outer(t_b, g_a, shared), diagonal=1)
             g_uhats.append(torch.baddbmm(_outer(t_b, g, shared), g_coupling, w_b))
             g_ws.append(
-                torch.baddbmm(_outer(g_a_b, z_in, shared), g_coupling.transpose(-1, -2), u_hat_b)
+                torch.baddbmm(_outer(g_a, z_in, shared), g_coupling.transpose(-1, -2), u_hat_b)
             )
-            g = _row_times(g, g_a_b, w_b)
+            g_as.append(g_a)
+            g = _row_times(g, g_a, w_b)
         g_uhat = _cat(g_uhats[::-1], 1)  # (P, K, D)
         g_w = _cat(g_ws[::-1], 1)
-        g_off = _reduce(g_a, shared)  # (P, K)
+        g_off = _reduce(_cat(g_as[::-1], 1), shared)  # (P, K)
         g_c = (g_uhat * w).sum(-1)
         g_c_wsq = g_c / wsq
         g_s = _reduce(g_ld_dn * h, shared) + g_c_wsq
