@@ -3,7 +3,7 @@ PYTHON ?= python
 FLOWVAE ?= $(PYTHON) -m flowvae
 RUN ?= runs/energy-U1-planar-k32
 
-.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3 table2-runs bench-sweep figure1 posterior
+.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3 table2-runs bench-sweep figure1 posterior bench-peers
 
 # Runs at once in the grids below (`flowvae sweep --jobs`), each on cores/JOBS threads. Default:
 # one per core, each run on one thread. On the 2-core development machine one run on two threads
@@ -58,6 +58,18 @@ format:
 
 bench:
 	$(PYTHON) benchmarks/run.py
+
+# flowvae's planar and radial stacks against pyro-ppl's and normflows' layers: the maps checked
+# identical in float64, then forward + backward timed on one thread (benchmarks/peers.py, about
+# two minutes; docs/benchmarks.md). The peers go into a venv of their own under runs/ that sees
+# this environment's packages, with torch pinned to the installed version so pip keeps it.
+PEERS_VENV ?= runs/peers-venv
+bench-peers:
+	[ -x $(PEERS_VENV)/bin/python ] || $(PYTHON) -m venv --system-site-packages $(PEERS_VENV)
+	$(PYTHON) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(PEERS_VENV)/constraints.txt
+	$(PEERS_VENV)/bin/python -m pip install -q -c $(PEERS_VENV)/constraints.txt pyro-ppl normflows
+	$(PEERS_VENV)/bin/python -c "import sys, torch; sys.exit(None if torch.__version__.split('+')[0] == open(sys.argv[1]).read().strip()[7:] else 'bench-peers: pip changed torch')" $(PEERS_VENV)/constraints.txt
+	OMP_NUM_THREADS=1 $(PEERS_VENV)/bin/python benchmarks/peers.py
 
 # On a CUDA machine, one pass of what needs the GPU: the CUDA tests, then the benchmark on the
 # card (planar K = 0, 10, 80 eager and compiled), a few minutes in all.

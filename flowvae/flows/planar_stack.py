@@ -135,7 +135,9 @@ class PlanarStackFunction(torch.autograd.Function):
         shared = u.shape[0] == 1 and g_y.shape[0] != 1
         g_ld_dn = g_ld.unsqueeze(-1) / dn  # (B, K)
         ld_t = g_ld_dn * 2.0 * t * (1.0 - s)  # ∂L/∂t_k through log-det term k
-        g = g_y  # ∂L/∂z at the output of the current block
+        # A gradient broadcast from a scalar (loss = y.sum()) has zero strides, which sends the
+        # batched products below to one small product per row; one copy avoids that.
+        g = g_y.contiguous()  # ∂L/∂z at the output of the current block
         g_as, g_uhats, g_ws = [], [], []
         for i in range(len(blocks) - 1, -1, -1):
             z_in, coupling = blocks[i]

@@ -25,9 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowvae.flows.base import Flow
+from flowvae.flows.radial_stack import radial_stack_forward
 from flowvae.flows.registry import FLOWS
 
 SLACK = 1e-6
+
+#: Run a stack of radial layers in one pass (radial_stack.py); False runs it layer by layer
+#: through the reference ops below, which is what the tests compare it against.
+STACKED = True
 
 
 def radial_constants(alpha_raw: Tensor, beta_raw: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,6 +91,21 @@ class Radial(Flow):
 
     def inverse_transform(self, y: Tensor, z0: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
         return radial_inverse(y, z0, alpha, beta)
+
+    @classmethod
+    def stack_forward(
+        cls, layers: list[Flow], z: Tensor, params: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        if not STACKED:
+            return None
+        d = layers[0].dim
+        if layers[0].amortized:
+            packed = params.reshape(params.shape[0], len(layers), d + 2)
+            z0s = packed[..., :d].unbind(1)
+            return radial_stack_forward(z, z0s, packed[..., d], packed[..., d + 1], SLACK)
+        alpha = torch.cat([x.alpha for x in layers])
+        beta = torch.cat([x.beta for x in layers])
+        return radial_stack_forward(z, [x.z0 for x in layers], alpha, beta, SLACK)
 
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:
