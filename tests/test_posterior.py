@@ -72,9 +72,13 @@ def test_grid_log_px_agrees_with_importance_sampling(k, flow_scale):
     model = small_vae(k, seed=1, flow_scale=flow_scale)
     numbers, _, enc = analyse(model, X, n=200, iw_samples=0)
     assert numbers["kl_p_q"] < 1.0  # a proposal IS can work with (its bias grows with this)
-    estimate = importance_log_px(enc, 200_000, seed=0)
+    est = importance_log_px(enc, 200_000, seed=0)
+    estimate = est["log_px_is"]
     assert numbers["q_mass"] == pytest.approx(1.0, abs=1e-3)
     assert abs(estimate - numbers["log_px_grid"]) < 0.01, (numbers, estimate)
+    # IS's own diagnostics say the estimate is usable, and its error bar covers the gap
+    assert est["is_khat"] < 0.7 and 0 < est["is_stderr"] < 0.01, est
+    assert abs(estimate - numbers["log_px_grid"]) < 5 * est["is_stderr"] + 0.005, est
     assert numbers["kl_q_p"] > 0 and numbers["kl_p_q"] > 0
 
 
