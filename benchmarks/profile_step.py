@@ -84,8 +84,8 @@ def group_of(event) -> str:
     return OTHER_OPS if event.name.startswith("aten::") else BOOKKEEPING
 
 
-def profile_steps(step, steps: int) -> tuple[Counter, float]:
-    """Milliseconds per step by group, and the profiled wall time per step."""
+def profile_steps(step, steps: int):
+    """Milliseconds per step by group, the profiled wall time per step, and the profile."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
@@ -95,8 +95,7 @@ def profile_steps(step, steps: int) -> tuple[Counter, float]:
     for event in prof.events():
         groups[group_of(event)] += event.self_cpu_time_total / 1e3 / steps
     groups[PYTHON] = max(0.0, wall - sum(groups.values()))
-    profile_steps.last = prof
-    return groups, wall
+    return groups, wall, prof
 
 
 def unprofiled_ms(step, steps: int) -> float:
@@ -135,9 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.warmup):
             step()
         plain[k] = unprofiled_ms(step, args.steps)
-        groups[k], walls[k] = profile_steps(step, args.steps)
+        groups[k], walls[k], prof = profile_steps(step, args.steps)
         if args.top:
-            averages = profile_steps.last.key_averages()
+            averages = prof.key_averages()
             print(f"K = {k}")
             print(averages.table(sort_by="self_cpu_time_total", row_limit=args.top))
     print(f"Milliseconds per step (share of the profiled step), {args.threads} thread(s):\n")
