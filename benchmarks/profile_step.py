@@ -38,6 +38,8 @@ SUBTREES = {
     "BinaryCrossEntropyWithLogitsBackward0": "loss (Bernoulli log-likelihood, KL terms)",
     "aten::max_pool1d": "maxout (max over 4 pieces, forward + backward)",
     "MaxPool2DWithIndicesBackward0": "maxout (max over 4 pieces, forward + backward)",
+    "WindowMax": "maxout (max over 4 pieces, forward + backward)",
+    "WindowMaxBackward": "maxout (max over 4 pieces, forward + backward)",
 }
 #: Ops outside those subtrees, by name.
 OPS = {

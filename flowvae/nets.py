@@ -2,8 +2,42 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def window_max(y: Tensor, window: int) -> Tensor:
+    """Max over consecutive windows of ``window`` units along the last dimension."""
+    # max_pool1d is the same max as view(..., width, window).amax(-1), but 3-6x faster on CPU for
+    # the tall batches of importance sampling (amax's strided reduction copies and refills).
+    pooled = F.max_pool1d(y.reshape(-1, 1, y.shape[-1]), window)
+    return pooled.view(*y.shape[:-1], y.shape[-1] // window)
+
+
+class WindowMax(torch.autograd.Function):
+    """window_max whose backward finds each window's maximum again from the saved input.
+
+    With autograd on, max_pool1d also records the argmax of every window: on CPU that forward
+    costs 1.1 ms against 0.07 ms for the max alone at batch 100, 1,600 units, more than the
+    comparison in the backward. The gradient is max_pool1d's to the bit: where a window's
+    maximum is shared (float32 rounds two pieces together a few times in a thousand steps) it
+    goes to the first of them only.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, window: int) -> Tensor:
+        out = window_max(y, window)
+        ctx.save_for_backward(y, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, out = ctx.saved_tensors
+        hit = y.unflatten(-1, (out.shape[-1], -1)) == out.unsqueeze(-1)
+        if int(torch.count_nonzero(hit)) != out.numel():
+            hit &= hit.cumsum(-1) == 1
+        return (hit * grad.unsqueeze(-1)).flatten(-2), None
 
 
 class Maxout(nn.Module):
@@ -16,11 +50,10 @@ class Maxout(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.linear(x)
-        # max_pool1d over windows of consecutive units is the same max as
-        # view(..., width, window).amax(-1), but 3-6x faster on CPU for the tall batches of
-        # importance sampling (amax's strided reduction copies and refills its output).
-        pooled = F.max_pool1d(y.reshape(-1, 1, y.shape[-1]), self.window)
-        return pooled.view(*y.shape[:-1], self.width)
+        # On CUDA the argmax is cheap, and counting ties would make the host wait every step.
+        if y.requires_grad and y.device.type == "cpu":
+            return WindowMax.apply(y, self.window)
+        return window_max(y, self.window)
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
