@@ -4,7 +4,9 @@ fixtures for the real MNIST files and for running the real ``flowvae`` CLI in a 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -53,6 +56,25 @@ def mnist_dir() -> Path:
     return MNIST_DIR
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """``build(folder)`` once per test session, even under pytest-xdist, where a module's tests
+    (and so its module-scoped fixture) may be split between workers: the first worker to come
+    here builds into a folder the session's workers share, under a lock; the others wait for it
+    and get the same folder. Only for what the tests then read, not write."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / f"built-once-{name}"
+    with open(root / f"built-once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():  # not built, or a build that failed
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 def _cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
@@ -77,6 +99,34 @@ def run_cli():
             env=_cli_env(),
             timeout=timeout,
         )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def fork_server():
+    """The session's :class:`forkserver.ForkServer` (started at its first use), as a function."""
+    server: ForkServer | None = None
+
+    def get() -> ForkServer:
+        nonlocal server
+        if server is None:
+            server = ForkServer(_cli_env(), ROOT)
+        return server
+
+    yield get
+    if server is not None:
+        server.close()
+
+
+@pytest.fixture
+def forked_cli(fork_server):
+    """``forked_cli(*args, cwd=..., env=..., timeout=...)``: ``run_cli`` for a command that needs
+    a process of its own but not the ~3.5 s interpreter and torch start-up: ``flowvae ARGS`` in
+    a child forked from a server that imported them (tests/forkserver.py)."""
+
+    def run(*args: str | Path, cwd=None, env: dict | None = None, timeout: float = 300):
+        return fork_server().run(list(args), cwd=cwd, env=env, timeout=timeout)
 
     return run
 
