@@ -132,21 +132,14 @@ def forked_cli(fork_server):
 
 
 @pytest.fixture
-def spawn_cli():
-    """``spawn_cli(*args, ready=fn)``: ``python -m flowvae ARGS`` started in its own process group
-    (stderr piped), returned once ``ready()`` is true; killed with its group at teardown."""
-    procs: list[subprocess.Popen] = []
+def spawn_cli(fork_server):
+    """``spawn_cli(*args, ready=fn)``: ``flowvae ARGS`` started in a process (and process group)
+    of its own, forked from the fork server (stderr kept, as ``communicate()[1]``), returned once
+    ``ready()`` is true; killed with its group at teardown."""
+    procs: list = []
 
-    def spawn(*args: str | Path, ready) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flowvae", *map(str, args)],
-            cwd=ROOT,
-            env=_cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+    def spawn(*args: str | Path, ready):
+        proc = fork_server().start(list(args), cwd=ROOT, keep_stdout=False)
         procs.append(proc)
         deadline = time.monotonic() + 180
         while not ready():

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 SERVER = r"""
-import importlib, json, os, sys, traceback
+import importlib, json, os, select, sys, traceback
 import torch
 torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo, once
 from torch.utils.tensorboard import SummaryWriter  # noqa
@@ -51,39 +51,85 @@ def child(req):
         flowvae.cli.main()
 
 
-sys.stdout.write("ready\n")
-sys.stdout.flush()
-while True:
-    line = sys.stdin.readline()
-    if not line:
-        break
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+def run(req):
+    code = 1
+    try:
+        os.setsid()  # a process group of its own, as start_new_session gives
+        child(req)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
         try:
-            child(req)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
         finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    sys.stdout.write(f"{pid}\n")
-    sys.stdout.flush()
-    _, status = os.waitpid(pid, 0)
-    sys.stdout.write(f"{os.waitstatus_to_exitcode(status)}\n")
-    sys.stdout.flush()
+            os._exit(code)
+
+
+def say(line):
+    os.write(1, (line + "\n").encode())
+
+
+# Requests come in on stdin, one JSON line each, and are answered "started PID"; each child's end
+# is reported when it comes, "exit PID STATUS", so that several children may run at once.
+say("ready")
+buf, children = b"", set()
+while True:
+    if select.select([0], [], [], 0.02)[0]:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            pid = os.fork()
+            if pid == 0:
+                run(json.loads(line))
+            children.add(pid)
+            say(f"started {pid}")
+    for pid in list(children):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            children.discard(pid)
+            say(f"exit {pid} {os.waitstatus_to_exitcode(status)}")
 """
 
 
+class ForkedProcess:
+    """A forked child as much of :class:`subprocess.Popen` as the tests use: ``pid`` (its own
+    process group's, too), ``poll``, ``wait``, ``send_signal`` and ``communicate`` (stdout if it
+    was kept, and stderr)."""
+
+    def __init__(self, server: ForkServer, pid: int, args, out: Path | None, err: Path) -> None:
+        self.server, self.pid, self.args, self.out, self.err = server, pid, args, out, err
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.answer(self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.server.answer(self.pid, 1e9 if timeout is None else timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str]:
+        self.wait(timeout)
+        return (self.out.read_text() if self.out else None), self.err.read_text()
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+
 class ForkServer:
-    """One server process; :meth:`run` one command at a time (tests in a process run in turn)."""
+    """One server process, its children started by :meth:`start` (several may run at once) or
+    run to their end by :meth:`run`."""
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
         self.env = env
@@ -100,58 +146,85 @@ class ForkServer:
                 start_new_session=True,
             )
         self.buf = b""
+        self.exits: dict[int, int] = {}  # children that ended, not yet asked for
+        self.count = 0
         assert self._line(180) == "ready", self.log.read_text()
 
     def _line(self, timeout: float) -> str | None:
+        """The server's next line; None if none came within ``timeout`` s (0: what is there)."""
         deadline = time.monotonic() + timeout
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
+            left = max(0.0, deadline - time.monotonic())
             if select.select([fd], [], [], left)[0]:
                 chunk = os.read(fd, 4096)
                 assert chunk, f"fork server died: {self.log.read_text()[-2000:]}"
                 self.buf += chunk
+            elif left == 0:
+                return None
         line, self.buf = self.buf.split(b"\n", 1)
         return line.decode()
+
+    def _until(self, want: str, timeout: float) -> list[str] | None:
+        """Read lines, keeping exit reports, until one starts with ``want``: its words."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._line(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                return None
+            words = line.split()
+            if words[0] == "exit":
+                self.exits[int(words[1])] = int(words[2])
+            if line.startswith(want):
+                return words
 
     def submit(self, req: dict) -> int:
         """Start one request (cwd, env, stdout and stderr paths, append, and args or code);
         the child's pid. :meth:`answer` then gives its exit status."""
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
         self.proc.stdin.flush()
-        pid = int(self._line(60) or -1)
-        assert pid > 0, f"fork server did not start the run: {self.log.read_text()[-2000:]}"
-        return pid
+        words = self._until("started", 60)
+        assert words, f"fork server did not start the run: {self.log.read_text()[-2000:]}"
+        return int(words[1])
 
-    def answer(self, timeout: float) -> int | None:
-        """The running child's exit status (-9 when SIGKILLed); None after ``timeout`` s."""
-        line = self._line(timeout)
-        return None if line is None else int(line)
+    def answer(self, pid: int, timeout: float) -> int | None:
+        """Child ``pid``'s exit status (-9 when SIGKILLed); None if it is still running after
+        ``timeout`` s."""
+        if pid not in self.exits and self._until(f"exit {pid} ", timeout) is None:
+            return None
+        return self.exits.pop(pid)
 
-    def run(
+    def start(
         self,
         args: list[str] | None = None,
         code: str | None = None,
         cwd: str | Path | None = None,
         env: dict[str, str] | None = None,
-        timeout: float = 300,
-    ) -> subprocess.CompletedProcess:
-        """``flowvae ARGS`` (or the Python ``code``) in a forked child; a CompletedProcess (text)."""
-        out, err = self.folder / "stdout", self.folder / "stderr"
+        keep_stdout: bool = True,
+    ) -> ForkedProcess:
+        """``flowvae ARGS`` (or the Python ``code``) started in a forked child."""
+        self.count += 1
+        out = self.folder / f"{self.count}.out" if keep_stdout else None
+        err = self.folder / f"{self.count}.err"
         req = {"cwd": str(cwd or os.getcwd()), "env": env or self.env}
-        req |= {"stdout": str(out), "stderr": str(err)}
+        req |= {"stdout": str(out or os.devnull), "stderr": str(err)}
         req |= {"code": code} if code is not None else {"args": [str(a) for a in args]}
-        pid = self.submit(req)
-        status = self.answer(timeout)
-        what = args or ["-c", code]
-        if status is None:
+        what = [str(a) for a in args] if code is None else ["-c", code]
+        return ForkedProcess(self, self.submit(req), what, out, err)
+
+    def run(self, args=None, code=None, cwd=None, env=None, timeout: float = 300):
+        """:meth:`start`, then its end: a CompletedProcess (text), as subprocess.run gives."""
+        proc = self.start(args, code, cwd, env)
+        try:
+            out, err = proc.communicate(timeout)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            self.answer(60)
-            raise subprocess.TimeoutExpired(what, timeout)
-        return subprocess.CompletedProcess(what, status, out.read_text(), err.read_text())
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            raise
+        for path in (proc.out, proc.err):
+            path.unlink()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def close(self) -> None:
         self.proc.stdin.close()

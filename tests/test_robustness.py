@@ -204,7 +204,7 @@ class ForkServer(forkserver.ForkServer):
         start = time.monotonic()
         limit = start + (300 if kill_after is None else kill_after)
         seen = None
-        while (answer := self.answer(0.01 if watch else limit - time.monotonic())) is None:
+        while (answer := self.answer(pid, 0.01 if watch else limit - time.monotonic())) is None:
             now = time.monotonic()
             if seen is None and watch is not None and watch.exists():
                 seen = now - start
@@ -212,7 +212,7 @@ class ForkServer(forkserver.ForkServer):
                 assert kill_after is not None, "run did not finish in 300 s"
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                answer = self.answer(60)
+                answer = self.answer(pid, 60)
                 break
         assert answer is not None, "no exit status from the fork server"
         return answer, time.monotonic() - start, seen
