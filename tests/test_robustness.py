@@ -25,6 +25,7 @@ from pathlib import Path
 import forkserver
 import pytest
 import torch
+from forkserver import ForkedProcess
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -116,7 +117,7 @@ def one_error_line(stderr: str, *needles: str, alone: bool = True) -> str:
 # -- 1. SIGINT / SIGTERM through the real CLI -----------------------------------------------------
 
 
-def _interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
+def _interrupt(proc: ForkedProcess, signum: int) -> tuple[int, str]:
     """Send ``signum``; the process's exit code and stderr, which must hold no traceback."""
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
