@@ -30,10 +30,11 @@ train:
 
 # The tests run in TEST_JOBS pytest-xdist workers (the `dev` extra installs pytest-xdist), one per
 # core: each test is single-threaded (but a few that start two processes), so on two cores the
-# suite takes about half its CPU time. worksteal hands the tests out in two contiguous halves and
-# lets an idle worker take over the rest of a busy one's queue, so a module's tests, and its
-# module-scoped fixture, mostly stay on one worker. TEST_JOBS=1: one plain pytest, without -n
-# (and without pytest-xdist).
+# suite takes about half its CPU time. worksteal hands the tests out in contiguous parts, one a
+# worker, and lets an idle worker take over the rest of a busy one's queue, so a module's tests,
+# and its module-scoped fixture, mostly stay on one worker (the costliest fixture is built once
+# for all: built_once in tests/conftest.py). TEST_JOBS=1: one plain pytest, without -n (and
+# without pytest-xdist).
 # The cores, not nproc's answer under OMP_NUM_THREADS=1 (which the tests' own processes use).
 TEST_JOBS ?= $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 PYTEST_JOBS = $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist worksteal)
