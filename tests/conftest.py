@@ -4,7 +4,6 @@ fixtures for the real MNIST files and for running the real ``flowvae`` CLI in a 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -61,12 +60,15 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Pa
     (and so its module-scoped fixture) may be split between workers: the first worker to come
     here builds into a folder the session's workers share, under a lock; the others wait for it
     and get the same folder. Only for what the tests then read, not write."""
+    shared = bool(os.environ.get("PYTEST_XDIST_WORKER"))
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above each worker's own
+    root = root.parent if shared else root  # the session's folder, above each worker's own
     folder = root / f"built-once-{name}"
     with open(root / f"built-once-{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shared:
+            import fcntl  # POSIX; one pytest process needs no lock
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / ".built").exists():  # not built, or a build that failed
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
