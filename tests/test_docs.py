@@ -4,8 +4,8 @@ A fenced block whose first line is ``# file: NAME`` is written to NAME; ``python
 order (consecutive ones in one process, sharing their names), and each ``flowvae ...`` line of a
 ``bash`` block runs as ``python -m flowvae ...``, each in a process of its own (forked from
 tests/forkserver.py's server, which saves the interpreter's start), all in one fresh folder with
-MNIST in $FLOWVAE_DATA. VAE training commands run for a few updates of a small model instead of minutes
-(SHRINK): the flags are the doc's, only the length differs.
+MNIST in $FLOWVAE_DATA. VAE training commands run for a few updates of a small model instead of
+minutes (SHRINK): the flags are the doc's, only the length differs.
 """
 
 from __future__ import annotations
