@@ -13,7 +13,8 @@ def test_a_child_is_the_cli_in_a_process_of_its_own(fork_server, tmp_path):
     server = fork_server()
     (tmp_path / "probe_module_fs.py").write_text("X = 1\n")
     code = (
-        "import os, sys; import probe_module_fs; print(os.getcwd(), os.environ['PROBE'], os.getpid());"
+        "import os, sys; import probe_module_fs;"
+        " print(os.getcwd(), os.environ['PROBE'], os.getpid());"
         " print('to stderr', file=sys.stderr); sys.exit(3)"
     )
     env = {**server.env, "PROBE": "yes"}
