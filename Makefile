@@ -28,25 +28,22 @@ train:
 	$(FLOWVAE) eval $(RUN)/checkpoints/best.pt
 	$(FLOWVAE) sample $(RUN)/checkpoints/best.pt --out $(RUN)/figure3.png
 
-# The slow tests (-m slow) run in a second pytest beside the fast ones when TEST_JOBS > 1: on two
-# cores the full suite then takes about as long as its longer half (each test is single-threaded
-# but a few that start two processes). TEST_JOBS=1: the whole suite in one pytest, as before.
+# The tests run in TEST_JOBS pytest-xdist workers (the `dev` extra installs pytest-xdist), one per
+# core: each test is single-threaded (but a few that start two processes), so on two cores the
+# suite takes about half its CPU time. worksteal hands the tests out in contiguous parts, one a
+# worker, and lets an idle worker take over the rest of a busy one's queue, so a module's tests,
+# and its module-scoped fixture, mostly stay on one worker (the costliest fixture is built once
+# for all: built_once in tests/conftest.py). TEST_JOBS=1: one plain pytest, without -n (and
+# without pytest-xdist).
 # The cores, not nproc's answer under OMP_NUM_THREADS=1 (which the tests' own processes use).
 TEST_JOBS ?= $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
+PYTEST_JOBS = $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist worksteal)
 
 test:
-ifeq ($(TEST_JOBS),1)
-	$(PYTHON) -m pytest -q
-else
-	@log=$$(mktemp); \
-	$(PYTHON) -m pytest -q -m slow -p no:cacheprovider >$$log 2>&1 & slow=$$!; \
-	$(PYTHON) -m pytest -q -m "not slow"; fast=$$?; \
-	wait $$slow; status=$$?; echo "== the slow tests (-m slow), run alongside:"; cat $$log; \
-	rm -f $$log; [ $$fast -eq 0 ] && [ $$status -eq 0 ]
-endif
+	$(PYTHON) -m pytest -q $(PYTEST_JOBS)
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q $(PYTEST_JOBS) -m "not slow"
 
 lint:
 	ruff check .

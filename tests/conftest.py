@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -53,6 +55,28 @@ def mnist_dir() -> Path:
     return MNIST_DIR
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """``build(folder)`` once per test session, even under pytest-xdist, where a module's tests
+    (and so its module-scoped fixture) may be split between workers: the first worker to come
+    here builds into a folder the session's workers share, under a lock; the others wait for it
+    and get the same folder. Only for what the tests then read, not write."""
+    shared = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if shared else root  # the session's folder, above each worker's own
+    folder = root / f"built-once-{name}"
+    with open(root / f"built-once-{name}.lock", "w") as lock:
+        if shared:
+            import fcntl  # POSIX; one pytest process needs no lock
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():  # not built, or a build that failed
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 def _cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
@@ -81,22 +105,43 @@ def run_cli():
     return run
 
 
-@pytest.fixture
-def spawn_cli():
-    """``spawn_cli(*args, ready=fn)``: ``python -m flowvae ARGS`` started in its own process group
-    (stderr piped), returned once ``ready()`` is true; killed with its group at teardown."""
-    procs: list[subprocess.Popen] = []
+@pytest.fixture(scope="session")
+def fork_server():
+    """The session's :class:`forkserver.ForkServer` (started at its first use), as a function."""
+    server: ForkServer | None = None
 
-    def spawn(*args: str | Path, ready) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flowvae", *map(str, args)],
-            cwd=ROOT,
-            env=_cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+    def get() -> ForkServer:
+        nonlocal server
+        if server is None:
+            server = ForkServer(_cli_env(), ROOT)
+        return server
+
+    yield get
+    if server is not None:
+        server.close()
+
+
+@pytest.fixture
+def forked_cli(fork_server):
+    """``forked_cli(*args, cwd=..., env=..., timeout=...)``: ``run_cli`` for a command that needs
+    a process of its own but not the ~3.5 s interpreter and torch start-up: ``flowvae ARGS`` in
+    a child forked from a server that imported them (tests/forkserver.py)."""
+
+    def run(*args: str | Path, cwd=None, env: dict | None = None, timeout: float = 300):
+        return fork_server().run(list(args), cwd=cwd, env=env, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def spawn_cli(fork_server):
+    """``spawn_cli(*args, ready=fn)``: ``flowvae ARGS`` started in a process (and process group)
+    of its own, forked from the fork server (stderr kept, as ``communicate()[1]``), returned once
+    ``ready()`` is true; killed with its group at teardown."""
+    procs: list = []
+
+    def spawn(*args: str | Path, ready):
+        proc = fork_server().start(list(args), cwd=ROOT, keep_stdout=False)
         procs.append(proc)
         deadline = time.monotonic() + 180
         while not ready():

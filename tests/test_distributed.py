@@ -1,4 +1,7 @@
-"""DistributedDataParallel on the CPU (gloo): 2 processes match 1 process with the same global batch."""
+"""DistributedDataParallel on the CPU (gloo): 2 processes match 1 process with the same global batch.
+
+The one-process runs are forked from tests/forkserver.py's server (a process of their own without
+the interpreter's start); the torchrun ones start as a user starts them."""
 
 import json
 import os
@@ -46,16 +49,26 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _train(out: Path, steps: int, procs: int = 1, resume: bool = False) -> None:
+def _one(server, args: list[str]) -> subprocess.CompletedProcess:
+    """``flowvae ARGS`` (args as for ``python``: "-m", "flowvae", ...) in one forked process."""
+    assert args[:2] == ["-m", "flowvae"], args
+    return server().run(args[2:], env=_env(), timeout=300)
+
+
+def _train(
+    out: Path, steps: int, procs: int = 1, resume: bool = False, server=None
+) -> subprocess.CompletedProcess:
     args = ["-m", "flowvae", "train", *COMMON, "--set", f"train.steps={steps}", "--out", str(out)]
     if resume:
         args.append("--resume")
     if procs > 1:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-        args = launcher + args
-    done = subprocess.run(
-        [sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=300
-    )
+        done = subprocess.run(
+            [sys.executable, *launcher, *args], env=_env(), capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+    else:
+        done = _one(server, args)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -69,9 +82,9 @@ def _weights(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
+def single(tmp_path_factory, fork_server) -> Path:
     out = tmp_path_factory.mktemp("ddp") / "single"
-    _train(out, 20)
+    _train(out, 20, server=fork_server)
     return out
 
 
@@ -88,10 +101,10 @@ def test_two_processes_match_one_process(single, tmp_path):
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_with_a_different_number_of_processes(single, tmp_path):
+def test_resume_with_a_different_number_of_processes(single, tmp_path, fork_server):
     out = tmp_path / "mixed"
     _train(out, 10, procs=2)
-    _train(out, 20, procs=1, resume=True)
+    _train(out, 20, procs=1, resume=True, server=fork_server)
     wa, wb = _weights(single), _weights(out)
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6)
@@ -125,7 +138,7 @@ def test_cuda_training_run(tmp_path):
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "cuda").values())
 
 
-def test_sharded_evaluation_matches_one_process(tmp_path, mnist_dir):
+def test_sharded_evaluation_matches_one_process(tmp_path, mnist_dir, fork_server):
     """torchrun eval with 2 processes gives the single process's -log p(x) and -ELBO: each
     chunk's noise depends only on (seed, chunk), whichever process evaluates it."""
     out = tmp_path / "vae"
@@ -135,13 +148,13 @@ def test_sharded_evaluation_matches_one_process(tmp_path, mnist_dir):
         "--set", "flow.k=3", "--set", "data.valid_size=500", "--set", "train.eval_every=30",
         "--no-progress", "--out", str(out),
     ]  # fmt: skip
-    done = _run(train)
+    done = _one(fork_server, train)
     assert done.returncode == 0, done.stderr[-2000:]
     ckpt = str(out / "checkpoints" / "last.pt")
     # 5 chunks of 10 images (100 rows / 10 samples): rank 0 takes 3, rank 1 takes 2.
     args = ["-m", "flowvae", "eval", ckpt, "--json", "--iw-samples", "10", "--limit", "50",
             "--max-rows", "100", "--data-root", str(mnist_dir)]  # fmt: skip
-    one = _run(args)
+    one = _one(fork_server, args)
     assert one.returncode == 0, one.stderr[-2000:]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = _run(launcher + args)
@@ -154,5 +167,5 @@ def test_sharded_evaluation_matches_one_process(tmp_path, mnist_dir):
     for key in ("nll", "neg_elbo", "nll_stderr"):
         assert abs(a[key] - b[key]) <= 1e-9 * abs(a[key]), (key, a[key], b[key])
     # A different seed gives different noise: the agreement above is not a constant.
-    other = _run(args + ["--seed", "1"])
+    other = _one(fork_server, args + ["--seed", "1"])
     assert json.loads(other.stdout.strip().splitlines()[-1])["nll"] != a["nll"]

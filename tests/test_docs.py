@@ -2,9 +2,10 @@
 
 A fenced block whose first line is ``# file: NAME`` is written to NAME; ``python`` blocks run in
 order (consecutive ones in one process, sharing their names), and each ``flowvae ...`` line of a
-``bash`` block runs as ``python -m flowvae ...``, all in one fresh folder with MNIST in
-$FLOWVAE_DATA. VAE training commands run for a few updates of a small model instead of minutes
-(SHRINK): the flags are the doc's, only the length differs.
+``bash`` block runs as ``python -m flowvae ...``, each in a process of its own (forked from
+tests/forkserver.py's server, which saves the interpreter's start), all in one fresh folder with
+MNIST in $FLOWVAE_DATA. VAE training commands run for a few updates of a small model instead of
+minutes (SHRINK): the flags are the doc's, only the length differs.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
@@ -50,17 +50,14 @@ def steps(doc: Path, folder: Path) -> list[tuple[str, str | list[str]]]:
     return todo
 
 
-def run_doc(doc: Path, folder: Path, mnist_dir: Path) -> list[str]:
+def run_doc(doc: Path, folder: Path, mnist_dir: Path, server: ForkServer) -> list[str]:
     """Run the doc's examples in ``folder``; the stdout of each step."""
     env = dict(os.environ, OMP_NUM_THREADS="1", FLOWVAE_DATA=str(mnist_dir), COLUMNS="200")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     outputs = []
     for kind, what in steps(doc, folder):
-        argv = ["-c", what] if kind == "python" else ["-m", "flowvae", *what]
-        proc = subprocess.run(
-            [sys.executable, *argv], capture_output=True, text=True, cwd=folder, env=env,
-            timeout=900,
-        )  # fmt: skip
+        code, args = (what, None) if kind == "python" else (None, what)
+        proc = server.run(args, code=code, cwd=folder, env=env, timeout=900)
         assert proc.returncode == 0, f"{kind} {what}\n{proc.stderr}"
         assert "Traceback" not in proc.stderr
         outputs.append(proc.stdout)
@@ -68,9 +65,9 @@ def run_doc(doc: Path, folder: Path, mnist_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_extending_md_runs_and_its_numbers_hold(tmp_path, mnist_dir):
+def test_extending_md_runs_and_its_numbers_hold(tmp_path, mnist_dir, fork_server):
     doc = ROOT / "docs" / "extending.md"
-    outputs = run_doc(doc, tmp_path, mnist_dir)
+    outputs = run_doc(doc, tmp_path, mnist_dir, fork_server())
     printed = next(json.loads(o) for o in outputs if o.startswith("{"))
     assert printed["flow"] == f"{tmp_path / 'myflows.py'}:ElementwiseAffine"
     quoted = re.search(r"KL\(q‖p\) = ([\d.]+) ± ([\d.]+) nats", doc.read_text()).groups()
@@ -82,8 +79,8 @@ def test_extending_md_runs_and_its_numbers_hold(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
-def test_api_md_runs(tmp_path, mnist_dir):
-    run_doc(ROOT / "docs" / "api.md", tmp_path, mnist_dir)
+def test_api_md_runs(tmp_path, mnist_dir, fork_server):
+    run_doc(ROOT / "docs" / "api.md", tmp_path, mnist_dir, fork_server())
     assert (tmp_path / "runs" / "mnist" / "checkpoints" / "best.pt").is_file()
 
 

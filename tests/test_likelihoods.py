@@ -253,7 +253,7 @@ def test_continuous_npz_through_the_cli(tmp_path, cli_in_process):
     truth = float((-log_px(test.double())).mean()) + D * math.log(1 - 2 * eps)
     sets = ["data.name=npz", f"data.root={tmp_path / 'lg.npz'}", "model.likelihood=logit_normal"]
     sets += ["model.hidden=[64]", "model.activation=tanh", "model.latent_dim=2", "flow.k=2"]
-    sets += ["train.steps=1500", "train.anneal_steps=500", "train.batch_size=200"]
+    sets += ["train.steps=1000", "train.anneal_steps=250", "train.batch_size=200"]
     sets += ["train.eval_every=1000", "train.log_every=500", "device=cpu"]
     args = [a for s in sets for a in ("--set", s)]
     run = tmp_path / "run"

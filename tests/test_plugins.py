@@ -1,6 +1,8 @@
 """Flows and targets from outside the package: a class in a file beside the config, in an
 importable module, or behind an installed package's entry point, through config reading,
-training, eval, sample, sweep and --resume, each in a fresh process as a user runs them."""
+training, eval, sample, sweep and --resume, each in a process of its own as a user runs them
+(forked from tests/forkserver.py's server, which saves the interpreter's start; the one-line
+errors of a moved file and of an uninstalled package come from ``python -m flowvae`` itself)."""
 
 from __future__ import annotations
 
@@ -202,18 +204,18 @@ def cli_env(extra_path: Path | None = None) -> dict[str, str]:
     return env
 
 
-def cli(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "flowvae", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env or cli_env(),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    return proc
+@pytest.fixture
+def cli(fork_server):
+    """``cli(*args, cwd=..., env=...)``: ``flowvae ARGS`` in a process of its own, which must
+    succeed without a traceback."""
+
+    def run(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+        proc = fork_server().run(list(args), cwd=cwd, env=env or cli_env(), timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        return proc
+
+    return run
 
 
 def weights(run: Path, name: str = "last.pt") -> dict:
@@ -221,7 +223,7 @@ def weights(run: Path, name: str = "last.pt") -> dict:
 
 
 @pytest.mark.slow
-def test_a_file_flow_trains_evaluates_samples_and_resumes_on_u1(tmp_path):
+def test_a_file_flow_trains_evaluates_samples_and_resumes_on_u1(tmp_path, cli):
     config = write_outside(tmp_path / "outside")
     work = tmp_path / "work"
     work.mkdir()
@@ -264,7 +266,7 @@ def test_a_file_flow_trains_evaluates_samples_and_resumes_on_u1(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_file_flow_trains_a_vae_amortised_and_global(tmp_path, mnist_dir):
+def test_a_file_flow_trains_a_vae_amortised_and_global(tmp_path, mnist_dir, cli):
     write_outside(tmp_path / "outside")
     spec = "outside/myflows.py:ElementwiseAffine"  # --set: relative to the working directory
     common = [
@@ -296,7 +298,7 @@ def test_a_file_flow_trains_a_vae_amortised_and_global(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
-def test_a_file_flow_sweeps(tmp_path):
+def test_a_file_flow_sweeps(tmp_path, cli):
     config = write_outside(tmp_path / "outside")
     cli("sweep", "--config", config, "--grid", "flow.k=1,2", "--out", "grid", "--samples",
         "2000", "--no-progress", cwd=tmp_path)  # fmt: skip
@@ -309,7 +311,7 @@ def test_a_file_flow_sweeps(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_installed_package_shows_in_list_and_trains(tmp_path):
+def test_an_installed_package_shows_in_list_and_trains(tmp_path, cli):
     env = cli_env(make_package(tmp_path / "site"))
     listed = cli("list", cwd=tmp_path, env=env).stdout
     row = next(line for line in listed.splitlines() if "affine_ep" in line and "entry" in line)

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -23,8 +22,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
+from forkserver import ForkedProcess
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -116,7 +117,7 @@ def one_error_line(stderr: str, *needles: str, alone: bool = True) -> str:
 # -- 1. SIGINT / SIGTERM through the real CLI -----------------------------------------------------
 
 
-def _interrupt(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
+def _interrupt(proc: ForkedProcess, signum: int) -> tuple[int, str]:
     """Send ``signum``; the process's exit code and stderr, which must hold no traceback."""
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
@@ -183,92 +184,28 @@ def test_interrupted_sweep_says_to_rerun_the_sweep(tmp_path, spawn_cli):
 
 # -- 2. SIGKILL at random moments -----------------------------------------------------------------
 
-# A fork server: imports torch, flowvae, TensorBoard and matplotlib once, then runs each request
-# `{"args": [...], "log": path}` as `flowvae <args>` in a forked child (a separate process, the
-# real CLI code path), answering the child's pid and then its exit code (-9 when SIGKILLed).
-# It saves the ~5 s interpreter start of each of the 22 launches.
-ZYGOTE = r"""
-import json, os, sys, traceback
-import torch
-torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo, once
-from torch.utils.tensorboard import SummaryWriter  # noqa
-import matplotlib.pyplot  # noqa
-import flowvae.cli, flowvae.experiments, flowvae.plots, flowvae.train  # noqa
-sys.stdout.write("ready\n"); sys.stdout.flush()
-while True:
-    line = sys.stdin.readline()
-    if not line:
-        break
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            flowvae.cli.app(args=req["args"], prog_name="flowvae")
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    sys.stdout.write(f"{pid}\n"); sys.stdout.flush()
-    _, status = os.waitpid(pid, 0)
-    sys.stdout.write(f"{os.waitstatus_to_exitcode(status)}\n"); sys.stdout.flush()
-"""
 
+class ForkServer(forkserver.ForkServer):
+    """tests/forkserver.py's server (each launch a forked child running the real CLI: it saves
+    the ~5 s interpreter start of each of the 22 launches), with every child's stdout and
+    stderr appended to ``log``."""
 
-class ForkServer:
     def __init__(self, log: Path) -> None:
+        super().__init__(ENV, ROOT)
         self.log = log
-        with open(log, "ab") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", ZYGOTE],
-                cwd=ROOT,
-                env=ENV,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        self.buf = b""
-        assert self._line(180) == "ready", log.read_text()
-
-    def _line(self, timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            if select.select([fd], [], [], left)[0]:
-                chunk = os.read(fd, 4096)
-                assert chunk, f"fork server died: {self.log.read_text()[-2000:]}"
-                self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line.decode()
 
     def run(
         self, args: list[str], kill_after: float | None = None, watch: Path | None = None
     ) -> tuple[int, float, float | None]:
         """Run `flowvae <args>`, SIGKILLed after ``kill_after`` s if still running.
         (exit code, seconds, seconds until ``watch`` first existed)."""
-        request = {"args": args, "log": str(self.log)}
-        self.proc.stdin.write((json.dumps(request) + "\n").encode())
-        self.proc.stdin.flush()
-        pid = int(self._line(60) or -1)
-        assert pid > 0, "fork server did not start the run"
+        log = str(self.log)
+        req = {"args": args, "cwd": str(ROOT), "env": ENV, "stdout": log, "stderr": log}
+        pid = self.submit(req | {"append": True})
         start = time.monotonic()
         limit = start + (300 if kill_after is None else kill_after)
         seen = None
-        while (answer := self._line(0.01 if watch else limit - time.monotonic())) is None:
+        while (answer := self.answer(pid, 0.01 if watch else limit - time.monotonic())) is None:
             now = time.monotonic()
             if seen is None and watch is not None and watch.exists():
                 seen = now - start
@@ -276,17 +213,10 @@ class ForkServer:
                 assert kill_after is not None, "run did not finish in 300 s"
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                answer = self._line(60)
+                answer = self.answer(pid, 60)
                 break
         assert answer is not None, "no exit status from the fork server"
-        return int(answer), time.monotonic() - start, seen
-
-    def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.proc.stdin.close()
-        self.proc.stdout.close()
+        return answer, time.monotonic() - start, seen
 
 
 KILL_STEPS = 600

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from forkserver import ForkedProcess
 from test_run_folder_cli import TINY as RUN_FOLDER_TINY
 
 from flowvae.errors import ConfigError
@@ -27,11 +27,11 @@ def tiny_sweep(out: Path, steps: int, *grid: str) -> list[str]:
     return [*args, f"--set=train.steps={steps}", *grid, "--out", str(out), "--no-progress"]
 
 
-def start(spawn_cli, args: list[str]) -> subprocess.Popen:
+def start(spawn_cli, args: list[str]) -> ForkedProcess:
     return spawn_cli(*args, ready=lambda: True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+def finish(proc: ForkedProcess, timeout: float = 300) -> str:
     _, stderr = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, stderr
     return stderr

@@ -64,14 +64,16 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     # Not `venv --system-site-packages`: inside a virtual environment that would borrow the base
     # interpreter's packages, not this environment's. A .pth file lists this interpreter's own
     # site folders instead, after the new environment's (so its flowvae wins).
+    # Without a pip of its own (ensurepip takes seconds): this pip installs into it (--python).
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
     python, flowvae = venv / "bin" / "python", venv / "bin" / "flowvae"
     site = run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=tmp_path)
     Path(site.strip(), "_borrowed_from_outer_env.pth").write_text(
         "".join(f"{p}\n" for p in borrowed_site_folders())
     )
-    run(python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", wheel, cwd=tmp_path)
+    pip = [sys.executable, "-m", "pip", "--python", python]
+    run(*pip, "install", "--no-deps", "--no-index", "--quiet", wheel, cwd=tmp_path)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
