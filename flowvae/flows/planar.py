@@ -167,10 +167,9 @@ class Planar(Flow):
         if first.amortized:
             packed = params.reshape(params.shape[0], k, 2 * first.dim + 1)
         else:
-            packed = torch.cat(
-                [torch.stack([getattr(x, name) for x in layers]) for name in ("u", "w", "b")],
-                dim=-1,
-            ).unsqueeze(0)
+            # One cat of every layer's [u, w, b] in order (one node, whose backward is one split).
+            flat = [x._parameters[name] for x in layers for name in ("u", "w", "b")]
+            packed = torch.cat(flat).view(1, k, 2 * first.dim + 1)
         return planar_stack_forward(z, packed, first.scaled_offset, SLACK, first.shift)
 
     @classmethod

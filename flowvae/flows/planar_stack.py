@@ -34,6 +34,10 @@ from torch import Tensor
 #: 20, 24, 32 took 8.5, 7.7, 7.1, 6.2, 6.6, 6.4 ms.
 BLOCK = 20
 
+#: The same for one set of parameters shared by every row (a global stack), where a layer's
+#: update is a rank-one update of the (m, B) pending pre-activations.
+SHARED_BLOCK = 32
+
 
 def block_size(k: int, most: int = BLOCK) -> int:
     """Equal blocks of at most ``most`` layers (80 -> 4 x 20, 30 -> 2 x 15, 10 -> 1 x 10)."""
@@ -187,6 +191,109 @@ class PlanarStackFunction(torch.autograd.Function):
         return g, torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1), None, None, None, None
 
 
+def _setup(params: Tensor, d: int, scaled: bool, slack: float, shift: float):
+    """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above."""
+    u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d]
+    wu = torch.linalg.vecdot(w, u)
+    s = F.softplus(wu + shift if shift else wu) + slack
+    wsq, live = clamped_norm_sq(w)
+    c = (s - 1.0 - wu) / wsq
+    u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
+    off = wsq.sqrt() * b if scaled else b
+    return u, w, b, wu, s, wsq, live, c, u_hat, off
+
+
+def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved):
+    """∂L/∂[u, w, b] from ∂L/∂û, the direct ∂L/∂w, ∂L/∂off and ∂L/∂s (shapes (..., K, ·))."""
+    u, w, b, wu, wsq, live, c = saved
+    g_c = torch.linalg.vecdot(g_uhat, w)
+    g_c_wsq = g_c / wsq
+    g_s = g_s + g_c_wsq
+    g_wu = g_s * torch.sigmoid(wu + ctx.shift if ctx.shift else wu) - g_c_wsq
+    g_wsq = -g_c_wsq * c
+    if ctx.scaled:
+        n = wsq.sqrt()
+        g_b = g_off * n
+        g_wsq = g_wsq + g_off * b / (2.0 * n)
+    else:
+        g_b = g_off
+    g_wsq = torch.where(live, g_wsq, 0.0)
+    g_u = torch.addcmul(g_uhat, g_wu.unsqueeze(-1), w)
+    g_w = torch.addcmul(g_w, c.unsqueeze(-1), g_uhat)
+    g_w = torch.addcmul(g_w, g_wu.unsqueeze(-1), u)
+    g_w = torch.addcmul(g_w, (2.0 * g_wsq).unsqueeze(-1), w)
+    return torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1)
+
+
+class PlanarSharedStackFunction(torch.autograd.Function):
+    """The same maps with one set of parameters for every row (a global stack): the layer
+    quantities are (K, ·), and the pending pre-activations are kept transposed, (m, B), so that
+    each layer's tanh and rank-one update run on contiguous rows (tanh, addr_)."""
+
+    @staticmethod
+    def forward(
+        ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float, block: int
+    ):
+        u, w, b, wu, s, wsq, live, c, u_hat, off = _setup(
+            params[0], z.shape[-1], scaled, slack, shift
+        )
+        ts, saved = [], []
+        for k0 in range(0, u.shape[0], block):
+            w_b, u_hat_b = w[k0 : k0 + block], u_hat[k0 : k0 + block]
+            # coupling[j, k] = û_jᵀw_k: row j is what t_j adds to every a_k (used for j < k).
+            coupling = u_hat_b @ w_b.t()  # (m, m)
+            pre = torch.addmm(off[k0 : k0 + block].unsqueeze(1), w_b, z.t())  # (m, B)
+            t_b = torch.empty_like(pre)
+            rows, t_rows, into = pre.unbind(0), t_b.unbind(0), coupling.unbind(0)
+            for k in range(len(rows) - 1):
+                pre.addr_(into[k], torch.tanh(rows[k], out=t_rows[k]))
+            torch.tanh(rows[-1], out=t_rows[-1])
+            saved.append((z, coupling))
+            ts.append(t_b)
+            z = torch.addmm(z, t_b.t(), u_hat_b)
+        t = _cat(ts, 0)  # (K, B)
+        t_sq = t * t
+        h = 1.0 - t_sq
+        dn = torch.addcmul(t_sq, s.unsqueeze(1), h)
+        ctx.scaled, ctx.shift, ctx.block, ctx.blocks = scaled, shift, block, saved
+        ctx.save_for_backward(u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live)
+        return z, torch.log(dn).sum(0)
+
+    @staticmethod
+    def backward(ctx, g_y: Tensor, g_ld: Tensor):
+        refuse_double_backward()
+        u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live = ctx.saved_tensors
+        block, blocks = ctx.block, ctx.blocks
+        g_ld_dn = g_ld / dn  # (K, B)
+        ld_t = g_ld_dn * t * (2.0 - 2.0 * s).unsqueeze(1)  # ∂L/∂t_k through log-det term k
+        g = g_y.contiguous()
+        g_as, g_uhats, g_ws = [], [], []
+        for i in range(len(blocks) - 1, -1, -1):
+            z_in, coupling = blocks[i]
+            k0 = i * block
+            w_b, u_hat_b, t_b = w[k0 : k0 + block], u_hat[k0 : k0 + block], t[k0 : k0 + block]
+            # ∂L/∂t_k (m, B), last layer first: once every later layer has added to row k,
+            # ∂L/∂a_k = h_k ∂L/∂t_k. (Rows k and later also receive additions: never read again.)
+            g_t = torch.addmm(ld_t[k0 : k0 + block], u_hat_b, g.t())
+            g_a = torch.empty_like(g_t)
+            rows, a_rows, h_rows = g_t.unbind(0), g_a.unbind(0), h[k0 : k0 + block].unbind(0)
+            into = coupling.unbind(1)
+            for k in range(len(rows) - 1, 0, -1):
+                g_t.addr_(into[k], torch.mul(rows[k], h_rows[k], out=a_rows[k]))
+            torch.mul(rows[0], h_rows[0], out=a_rows[0])
+            g_coupling = torch.triu(t_b @ g_a.t(), diagonal=1)
+            g_uhats.append(torch.addmm(t_b @ g, g_coupling, w_b))
+            g_ws.append(torch.addmm(g_a @ z_in, g_coupling.t(), u_hat_b))
+            g_as.append(g_a)
+            g = torch.addmm(g, g_a.t(), w_b)
+        g_uhat = _cat(g_uhats[::-1], 0)  # (K, D)
+        g_w = _cat(g_ws[::-1], 0)
+        g_off = _cat(g_as[::-1], 0).sum(1)  # (K,)
+        g_s = (g_ld_dn * h).sum(1)
+        packed = _param_grads(ctx, g_uhat, g_w, g_off, g_s, (u, w, b, wu, wsq, live, c))
+        return g, packed.unsqueeze(0), None, None, None, None
+
+
 def planar_stack_forward(
     z: Tensor,
     params: Tensor,
@@ -199,6 +306,8 @@ def planar_stack_forward(
 
     ``params`` (B|1, K, 2D + 1) holds each layer's [u, w, b] as in the flat amortised layout.
     """
+    shared = params.shape[0] == 1
     if block is None:
-        block = block_size(params.shape[1])
-    return PlanarStackFunction.apply(z, params, scaled_offset, slack, shift, block)
+        block = block_size(params.shape[1], SHARED_BLOCK if shared else BLOCK)
+    fn = PlanarSharedStackFunction if shared else PlanarStackFunction
+    return fn.apply(z, params, scaled_offset, slack, shift, block)
