@@ -160,8 +160,8 @@ class Planar(Flow):
             (x.scaled_offset, x.shift) != (first.scaled_offset, first.shift) for x in layers
         ):
             return None
-        # The coupling matrices are kept for the backward pass; where they would not fit in
-        # memory the layers run one by one.
+        # The stacked path keeps every layer's state for the backward pass; for deep stacks on
+        # very large batches the layers run one by one instead.
         if z.shape[0] * k * min(k, BLOCK) > MAX_COUPLING_ELEMENTS:
             return None
         if first.amortized:
