@@ -186,7 +186,7 @@ def test_stack_keeps_dtype_and_shapes():
 
 
 @pytest.mark.parametrize(
-    "k,expected", [(1, 1), (10, 10), (20, 20), (21, 11), (30, 15), (41, 14), (80, 20)]
+    "k,expected", [(1, 1), (10, 10), (32, 32), (33, 17), (41, 21), (65, 22), (80, 27)]
 )
 def test_blocks_are_equal_and_at_most_block(k, expected):
     size = planar_stack.block_size(k)
