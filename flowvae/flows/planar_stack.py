@@ -23,7 +23,7 @@ only moves z along û_k, so every later pre-activation is known in closed form:
 Per block of at most BLOCK layers the coupling matrix M[j, k] = û_jᵀw_k (j < k, an (m, m)
 product) and the starting values wₖᵀz_0 + off_k (an (m, B) product) are computed once; the
 sequential part is then tanh of one row of the (m, B) pending pre-activations and one rank-one
-update of them (addr_), and z itself is formed only between blocks. The backward pass runs the
+update of them, both in place, and z itself is formed only between blocks. The backward pass runs the
 same recursion in reverse for ∂L/∂a_k and gets every parameter gradient from a few 2-D products.
 
 Shapes: z (B, D); the packed parameters [u, w, b] (P, K, 2D + 1).
@@ -91,35 +91,38 @@ class PlanarStackFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float):
         d = z.shape[-1]
-        rows_, k = params.shape[0], params.shape[1]
-        u_aug = z.new_empty(rows_, k, d + 1)
+        k = params.shape[1]
+        # Per layer [û, 0] and [w, off], laid out (K, B, ·) so that a layer's rows are contiguous.
+        u_aug = z.new_empty(k, z.shape[0], d + 1)
         u_aug[..., d] = 0.0
-        u, w, b, wu, s, wsq, live, c, u_hat, off = _setup(
-            params, d, scaled, slack, shift, u_hat_out=u_aug[..., :d]
+        u, w, b, wu, s, wsq, live, c, _, off = _setup(
+            params, d, scaled, slack, shift, u_hat_out=u_aug[..., :d].transpose(0, 1)
         )
-        w_aug = torch.cat([w, off.unsqueeze(-1)], -1) if scaled else params[..., d:]
+        w_aug = torch.empty_like(u_aug)
+        w_aug[..., :d] = w.transpose(0, 1)
+        w_aug[..., d] = off.t()
         zs = z.new_empty(k, z.shape[0], d + 1)  # zs[k]: [z, 1] before layer k
         zs[0, :, :d] = z
         zs[0, :, d] = 1.0
         t = z.new_empty(k, z.shape[0])
         z_rows, t_rows, t_cols = zs.unbind(0), t.unbind(0), t.unsqueeze(-1).unbind(0)
-        w_rows, u_rows = w_aug.unbind(1), u_aug.unbind(1)
+        w_rows, u_rows = w_aug.unbind(0), u_aug.unbind(0)
         for i in range(k - 1):
             torch.tanh(torch.linalg.vecdot(z_rows[i], w_rows[i]), out=t_rows[i])
             torch.addcmul(z_rows[i], u_rows[i], t_cols[i], out=z_rows[i + 1])
         torch.tanh(torch.linalg.vecdot(z_rows[-1], w_rows[-1]), out=t_rows[-1])
-        y = torch.addcmul(z_rows[-1][:, :d], u_hat[:, -1], t_cols[-1])
+        y = torch.addcmul(z_rows[-1][:, :d], u_rows[-1][:, :d], t_cols[-1])
         t_sq = t * t
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s.t(), h)  # (K, B)
         ctx.scaled, ctx.shift = scaled, shift
-        ctx.save_for_backward(u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live, zs)
+        ctx.save_for_backward(u, w, b, wu, s, wsq, c, t, h, dn, live, zs, u_aug, w_aug)
         return y, torch.log(dn).sum(0)
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
-        u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live, zs = ctx.saved_tensors
+        u, w, b, wu, s, wsq, c, t, h, dn, live, zs, u_aug, w_aug = ctx.saved_tensors
         k, d = zs.shape[0], zs.shape[2] - 1
         g_ld_dn = g_ld / dn  # (K, B)
         g_ld_h = g_ld_dn * h
@@ -130,7 +133,7 @@ class PlanarStackFunction(torch.autograd.Function):
         g_a = torch.empty_like(t)
         g_rows, a_rows, a_cols = gs.unbind(0), g_a.unbind(0), g_a.unsqueeze(-1).unbind(0)
         h_rows, a0_rows = h.unbind(0), g_a0.unbind(0)
-        w_rows, u_rows = w.unbind(1), u_hat.unbind(1)
+        w_rows, u_rows = w_aug[..., :d].unbind(0), u_aug[..., :d].unbind(0)
         for i in range(k - 1, 0, -1):
             g_t = torch.linalg.vecdot(g_rows[i], u_rows[i])
             torch.addcmul(a0_rows[i], h_rows[i], g_t, out=a_rows[i])
@@ -138,13 +141,10 @@ class PlanarStackFunction(torch.autograd.Function):
         g_t = torch.linalg.vecdot(g_rows[0], u_rows[0])
         torch.addcmul(a0_rows[0], h_rows[0], g_t, out=a_rows[0])
         g_z = torch.addcmul(g_rows[0], a_cols[0], w_rows[0])
-        # The parameter gradients in the buffers' (K, B, ·) layout; the packed gradient is
-        # returned as a (B, K, 2D + 1) view of it.
-        g_uhat = torch.mul(t.unsqueeze(-1), gs)
-        g_w = torch.mul(g_a.unsqueeze(-1), zs[..., :d])
-        saved = [x.transpose(0, 1) for x in (u, w, b, wu, wsq, live, c)]
-        packed = _param_grads(ctx, g_uhat, g_w, g_a, g_ld_h, saved)
-        return g_z, packed.transpose(0, 1), None, None, None
+        g_uhat = torch.mul(t.unsqueeze(-1), gs).transpose(0, 1)  # (B, K, D)
+        g_w = torch.mul(g_a.unsqueeze(-1), zs[..., :d]).transpose(0, 1)
+        packed = _param_grads(ctx, g_uhat, g_w, g_a.t(), g_ld_h.t(), (u, w, b, wu, wsq, live, c))
+        return g_z, packed, None, None, None
 
 
 def _setup(
@@ -193,7 +193,7 @@ def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved):
 class PlanarSharedStackFunction(torch.autograd.Function):
     """The same maps with one set of parameters for every row (a global stack): the layer
     quantities are (K, ·), and the pending pre-activations are kept transposed, (m, B), so that
-    each layer's tanh and rank-one update run on contiguous rows (tanh, addr_)."""
+    each layer's tanh and rank-one update run in place on contiguous rows (tanh_, addmm_)."""
 
     @staticmethod
     def forward(
@@ -205,14 +205,16 @@ class PlanarSharedStackFunction(torch.autograd.Function):
         ts, saved = [], []
         for k0 in range(0, u.shape[0], block):
             w_b, u_hat_b = w[k0 : k0 + block], u_hat[k0 : k0 + block]
-            # coupling[j, k] = û_jᵀw_k: row j is what t_j adds to every a_k (used for j < k).
-            coupling = u_hat_b @ w_b.t()  # (m, m)
-            pre = torch.addmm(off[k0 : k0 + block].unsqueeze(1), w_b, z.t())  # (m, B)
-            t_b = torch.empty_like(pre)
-            rows, t_rows, into = pre.unbind(0), t_b.unbind(0), coupling.unbind(0)
+            # coupling[j, k] = û_jᵀw_k for j < k, else 0: row j is what t_j adds to every a_k.
+            coupling = torch.triu(u_hat_b @ w_b.t(), diagonal=1)  # (m, m)
+            # The pending pre-activations (m, B) turn into t in place: row k becomes t_k once it
+            # is final, and the later rank-one updates add exactly 0 to it (coupling[k, j] = 0
+            # for j <= k), so reading it while updating is safe.
+            t_b = torch.addmm(off[k0 : k0 + block].unsqueeze(1), w_b, z.t())
+            rows, into = t_b.unsqueeze(1).unbind(0), coupling.unsqueeze(2).unbind(0)
             for k in range(len(rows) - 1):
-                pre.addr_(into[k], torch.tanh(rows[k], out=t_rows[k]))
-            torch.tanh(rows[-1], out=t_rows[-1])
+                t_b.addmm_(into[k], rows[k].tanh_())
+            rows[-1].tanh_()
             saved.append((z, coupling))
             ts.append(t_b)
             z = torch.addmm(z, t_b.t(), u_hat_b)
@@ -237,15 +239,14 @@ class PlanarSharedStackFunction(torch.autograd.Function):
             z_in, coupling = blocks[i]
             k0 = i * block
             w_b, u_hat_b, t_b = w[k0 : k0 + block], u_hat[k0 : k0 + block], t[k0 : k0 + block]
-            # ∂L/∂t_k (m, B), last layer first: once every later layer has added to row k,
-            # ∂L/∂a_k = h_k ∂L/∂t_k. (Rows k and later also receive additions: never read again.)
-            g_t = torch.addmm(ld_t[k0 : k0 + block], u_hat_b, g.t())
-            g_a = torch.empty_like(g_t)
-            rows, a_rows, h_rows = g_t.unbind(0), g_a.unbind(0), h[k0 : k0 + block].unbind(0)
-            into = coupling.unbind(1)
+            # ∂L/∂t_k (m, B), turned into ∂L/∂a_k in place, last layer first: once every later
+            # layer has added to row k, ∂L/∂a_k = h_k ∂L/∂t_k, and row k receives only 0 after.
+            g_a = torch.addmm(ld_t[k0 : k0 + block], u_hat_b, g.t())
+            rows, h_rows = g_a.unsqueeze(1).unbind(0), h[k0 : k0 + block].unbind(0)
+            into = coupling.t().unsqueeze(2).unbind(0)
             for k in range(len(rows) - 1, 0, -1):
-                g_t.addr_(into[k], torch.mul(rows[k], h_rows[k], out=a_rows[k]))
-            torch.mul(rows[0], h_rows[0], out=a_rows[0])
+                g_a.addmm_(into[k], rows[k].mul_(h_rows[k]))
+            rows[0].mul_(h_rows[0])
             g_coupling = torch.triu(t_b @ g_a.t(), diagonal=1)
             g_uhats.append(torch.addmm(t_b @ g, g_coupling, w_b))
             g_ws.append(torch.addmm(g_a @ z_in, g_coupling.t(), u_hat_b))
