@@ -141,9 +141,13 @@ class PlanarStackFunction(torch.autograd.Function):
         g_t = torch.linalg.vecdot(g_rows[0], u_rows[0])
         torch.addcmul(a0_rows[0], h_rows[0], g_t, out=a_rows[0])
         g_z = torch.addcmul(g_rows[0], a_cols[0], w_rows[0])
-        g_uhat = torch.mul(t.unsqueeze(-1), gs).transpose(0, 1)  # (B, K, D)
-        g_w = torch.mul(g_a.unsqueeze(-1), zs[..., :d]).transpose(0, 1)
-        packed = _param_grads(ctx, g_uhat, g_w, g_a.t(), g_ld_h.t(), (u, w, b, wu, wsq, live, c))
+        # ∂L/∂û and the direct ∂L/∂w written straight into the packed gradient's slots.
+        packed = u.new_empty(u.shape[0], k, 2 * d + 1)
+        g_uhat, g_w = packed[..., :d], packed[..., d : 2 * d]
+        torch.mul(t.unsqueeze(-1), gs, out=g_uhat.transpose(0, 1))
+        torch.mul(g_a.unsqueeze(-1), zs[..., :d], out=g_w.transpose(0, 1))
+        saved = (u, w, b, wu, wsq, live, c)
+        _param_grads(ctx, g_uhat, g_w, g_a.t(), g_ld_h.t(), saved, packed)
         return g_z, packed, None, None, None
 
 
@@ -166,8 +170,9 @@ def _setup(
     return u, w, b, wu, s, wsq, live, c, u_hat, off
 
 
-def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved):
-    """∂L/∂[u, w, b] from ∂L/∂û, the direct ∂L/∂w, ∂L/∂off and ∂L/∂s (shapes (..., K, ·))."""
+def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved, packed=None):
+    """∂L/∂[u, w, b] from ∂L/∂û, the direct ∂L/∂w, ∂L/∂off and ∂L/∂s (shapes (..., K, ·)), as
+    one (..., K, 2D + 1) tensor: ``packed`` when g_uhat and g_w are its first 2D columns."""
     u, w, b, wu, wsq, live, c = saved
     g_c = torch.linalg.vecdot(g_uhat, w)
     g_c_wsq = g_c / wsq
@@ -187,7 +192,10 @@ def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved):
     g_w.addcmul_(c.unsqueeze(-1), g_uhat).addcmul_(g_wu, u)
     g_w.addcmul_((2.0 * g_wsq).unsqueeze(-1), w)
     g_u = g_uhat.addcmul_(g_wu, w)
-    return torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1)
+    if packed is None:
+        return torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1)
+    packed[..., -1] = g_b
+    return packed
 
 
 class PlanarSharedStackFunction(torch.autograd.Function):
