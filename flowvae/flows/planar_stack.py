@@ -190,7 +190,7 @@ def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved, packed=None):
     # less is one allocation (and its page faults) less in a deep stack.
     g_wu = g_wu.unsqueeze(-1)
     g_w.addcmul_(c.unsqueeze(-1), g_uhat).addcmul_(g_wu, u)
-    g_w.addcmul_((2.0 * g_wsq).unsqueeze(-1), w)
+    g_w.addcmul_(g_wsq.unsqueeze(-1), w, value=2.0)
     g_u = g_uhat.addcmul_(g_wu, w)
     if packed is None:
         return torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1)
@@ -240,7 +240,8 @@ class PlanarSharedStackFunction(torch.autograd.Function):
         u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live = ctx.saved_tensors
         block, blocks = ctx.block, ctx.blocks
         g_ld_dn = g_ld / dn  # (K, B)
-        ld_t = g_ld_dn * t * (2.0 - 2.0 * s).unsqueeze(1)  # ∂L/∂t_k through log-det term k
+        # Half of ∂L/∂t_k through log-det term k, 2 t_k (1 - s_k)/dn_k (doubled by addmm's beta).
+        ld_t = (g_ld_dn * t).mul_((1.0 - s).unsqueeze(1))
         g = g_y.contiguous()
         g_as, g_uhats, g_ws = [], [], []
         for i in range(len(blocks) - 1, -1, -1):
@@ -249,13 +250,13 @@ class PlanarSharedStackFunction(torch.autograd.Function):
             w_b, u_hat_b, t_b = w[k0 : k0 + block], u_hat[k0 : k0 + block], t[k0 : k0 + block]
             # ∂L/∂t_k (m, B), turned into ∂L/∂a_k in place, last layer first: once every later
             # layer has added to row k, ∂L/∂a_k = h_k ∂L/∂t_k, and row k receives only 0 after.
-            g_a = torch.addmm(ld_t[k0 : k0 + block], u_hat_b, g.t())
+            g_a = torch.addmm(ld_t[k0 : k0 + block], u_hat_b, g.t(), beta=2.0)
             rows, h_rows = g_a.unsqueeze(1).unbind(0), h[k0 : k0 + block].unbind(0)
             into = coupling.t().unsqueeze(2).unbind(0)
             for k in range(len(rows) - 1, 0, -1):
                 g_a.addmm_(into[k], rows[k].mul_(h_rows[k]))
             rows[0].mul_(h_rows[0])
-            g_coupling = torch.triu(t_b @ g_a.t(), diagonal=1)
+            g_coupling = (t_b @ g_a.t()).triu_(1)
             g_uhats.append(torch.addmm(t_b @ g, g_coupling, w_b))
             g_ws.append(torch.addmm(g_a @ z_in, g_coupling.t(), u_hat_b))
             g_as.append(g_a)
