@@ -96,6 +96,7 @@ def planar_inverse(
         # |m tanh(a)| <= |m| brackets the root; g(a) = a + m tanh(a) - c is increasing.
         lo, hi = c_ - m_.abs(), c_ + m_.abs()
         a = c_.clone()
+        dx = dx_old = hi - lo
         for _ in range(iterations):
             t = torch.tanh(a)
             g = a + m_ * t - c_
@@ -103,8 +104,13 @@ def planar_inverse(
             hi = torch.where(g > 0, a, hi)
             step = g / (t * t + (1.0 + m_) * (1.0 - t * t))
             cand = a - step
-            bad = ~torch.isfinite(cand) | (cand <= lo) | (cand >= hi)
+            # A Newton step must also halve the step before last, else bisect (as rtsafe does):
+            # with a large m, Newton can bounce between the flat ends of tanh, inside the
+            # bracket but shrinking it too slowly to reach the root in `iterations` steps.
+            slow = 2.0 * step.abs() > dx_old.abs()
+            bad = ~torch.isfinite(cand) | (cand <= lo) | (cand >= hi) | slow
             a_next = torch.where(bad, 0.5 * (lo + hi), cand)
+            dx_old, dx = dx, torch.where(bad, 0.5 * (hi - lo), step)
             if torch.equal(a_next, a):
                 break
             a = a_next
