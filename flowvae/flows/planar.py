@@ -96,6 +96,7 @@ def planar_inverse(
         # |m tanh(a)| <= |m| brackets the root; g(a) = a + m tanh(a) - c is increasing.
         lo, hi = c_ - m_.abs(), c_ + m_.abs()
         a = c_.clone()
+        dx = dx_old = hi - lo
         for _ in range(iterations):
             t = torch.tanh(a)
             g = a + m_ * t - c_
@@ -103,8 +104,13 @@ def planar_inverse(
             hi = torch.where(g > 0, a, hi)
             step = g / (t * t + (1.0 + m_) * (1.0 - t * t))
             cand = a - step
-            bad = ~torch.isfinite(cand) | (cand <= lo) | (cand >= hi)
+            # A Newton step must also halve the step before last, else bisect (as rtsafe does):
+            # with a large m, Newton can bounce between the flat ends of tanh, inside the
+            # bracket but shrinking it too slowly to reach the root in `iterations` steps.
+            slow = 2.0 * step.abs() > dx_old.abs()
+            bad = ~torch.isfinite(cand) | (cand <= lo) | (cand >= hi) | slow
             a_next = torch.where(bad, 0.5 * (lo + hi), cand)
+            dx_old, dx = dx, torch.where(bad, 0.5 * (hi - lo), step)
             if torch.equal(a_next, a):
                 break
             a = a_next
@@ -160,17 +166,16 @@ class Planar(Flow):
             (x.scaled_offset, x.shift) != (first.scaled_offset, first.shift) for x in layers
         ):
             return None
-        # The coupling matrices are kept for the backward pass; where they would not fit in
-        # memory the layers run one by one.
+        # The stacked path keeps every layer's state for the backward pass; for deep stacks on
+        # very large batches the layers run one by one instead.
         if z.shape[0] * k * min(k, BLOCK) > MAX_COUPLING_ELEMENTS:
             return None
         if first.amortized:
             packed = params.reshape(params.shape[0], k, 2 * first.dim + 1)
         else:
-            packed = torch.cat(
-                [torch.stack([getattr(x, name) for x in layers]) for name in ("u", "w", "b")],
-                dim=-1,
-            ).unsqueeze(0)
+            # One cat of every layer's [u, w, b] in order (one node, whose backward is one split).
+            flat = [x._parameters[name] for x in layers for name in ("u", "w", "b")]
+            packed = torch.cat(flat).view(1, k, 2 * first.dim + 1)
         return planar_stack_forward(z, packed, first.scaled_offset, SLACK, first.shift)
 
     @classmethod

@@ -1,22 +1,32 @@
-"""K planar layers as one autograd node whose loop over layers is two small ops per layer.
+"""K planar layers as one autograd node: a few small ops per layer, the rest batched.
 
-A planar layer only moves z along û_k, so every later pre-activation is known in closed form:
+The maths of one layer (û from the invertibility constraint, the scaled offset, the
+cancellation-free log-det log(t² + s(1 - t²))) is that of planar.py, whose reference ops, run
+layer by layer, this is tested against. Every per-layer quantity that does not depend on z
+(û, the offset, s and their gradients) is computed for all K layers at once, and the backward
+pass is hand-written; the layer loop keeps only what depends on the previous layer.
+
+Parameters per row (amortised, P = B: PlanarStackFunction). Layer k is three ops each way:
+a_k = [z_k, 1]ᵀ[w_k, off_k] (one row-wise dot product), t_k = tanh(a_k), z_{k+1} = z_k + t_k û_k;
+backwards ∂L/∂a_k = h_k (ûₖᵀ∂L/∂z_{k+1} + ∂L/∂t_k through log-det term k) and
+∂L/∂z_k = ∂L/∂z_{k+1} + ∂L/∂a_k w_k. Every z_k and ∂L/∂z_{k+1} is kept in a (K, B, ·) buffer,
+from which ∂L/∂û_k = t_k ∂L/∂z_{k+1} and the direct ∂L/∂w_k = ∂L/∂a_k z_k of all layers come
+in two elementwise ops. (Batched matrix products over B rows cost about one small product per
+row at these sizes, more than the dot products they would save.)
+
+One set of parameters for every row (global, P = 1: PlanarSharedStackFunction). Here a layer
+only moves z along û_k, so every later pre-activation is known in closed form:
 
     a_k = wₖᵀz_0 + off_k + Σ_{j<k} t_j · (û_jᵀw_k),    t_j = tanh(a_j),
     z_K = z_0 + Σ_k t_k û_k.
 
-The coupling matrix M[j, k] = û_jᵀw_k (j < k) and the K starting values wₖᵀz_0 + off_k come
-from two batched matrix products; the sequential part is then a scalar recursion per row
-(tanh of one column, one rank-one update of the row of pending pre-activations), and z itself
-is never formed between layers. The backward pass runs the same recursion in reverse for
-∂L/∂a_k and gets every parameter gradient from a few batched products afterwards. This replaces
-some 40 kernel launches per layer and step with about 4, which is what a deep amortised stack
-spends its time on at batch 100.
+Per block of at most BLOCK layers the coupling matrix M[j, k] = û_jᵀw_k (j < k, an (m, m)
+product) and the starting values wₖᵀz_0 + off_k (an (m, B) product) are computed once; the
+sequential part is then tanh of one row of the (m, B) pending pre-activations and one rank-one
+update of them, both in place, and z itself is formed only between blocks. The backward pass runs the
+same recursion in reverse for ∂L/∂a_k and gets every parameter gradient from a few 2-D products.
 
-The maths of one layer (û from the invertibility constraint, the scaled offset, the
-cancellation-free log-det log(t² + s(1 - t²))) is that of planar.py, whose reference ops, run
-layer by layer, this is tested against. Shapes: z (B, D); the packed parameters [u, w, b]
-(P, K, 2D + 1), where P is B (amortised) or 1 (global, shared by every row).
+Shapes: z (B, D); the packed parameters [u, w, b] (P, K, 2D + 1).
 
 Notation: wu = wᵀu, s = softplus(wu) + SLACK, c = (s - 1 - wu)/‖w‖², û = u + c·w,
 off = ‖w‖·b̃ (or b), t = tanh(a), h = 1 - t², dn = t² + s·h (the log-det is log dn).
@@ -28,21 +38,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Most layers per block: within a block the coupling matrix (cost B·m²·D) replaces forming z;
-#: between blocks z is formed once. K layers are cut into ceil(K / BLOCK) blocks of equal size.
-#: Chosen by timing forward + backward on CPU at batch 100, D = 40, K = 80: blocks of 8, 12, 16,
-#: 20, 24, 32 took 8.5, 7.7, 7.1, 6.2, 6.6, 6.4 ms.
-BLOCK = 20
+#: Most layers per block of a global stack: within a block the coupling matrix replaces forming
+#: z; between blocks z is formed once. K layers are cut into ceil(K / BLOCK) blocks of equal
+#: size. At B = 512, D = 2, K = 32 one block of 32 took 0.96 of the time of two blocks of 16
+#: (forward + backward, one thread).
+BLOCK = 32
 
 
 def block_size(k: int, most: int = BLOCK) -> int:
-    """Equal blocks of at most ``most`` layers (80 -> 4 x 20, 30 -> 2 x 15, 10 -> 1 x 10)."""
+    """Equal blocks of at most ``most`` layers (80 -> 3 x 27, 41 -> 2 x 21, 10 -> 1 x 10)."""
     blocks = -(-k // most)
     return -(-k // max(1, blocks))
 
 
-#: Largest B·K·BLOCK (coupling matrices kept for the backward pass) for which the stacked path
-#: is used; beyond it (deep stacks on very large batches) the layers run one by one.
+#: Largest B·K·min(K, BLOCK) for which the stacked path is used; beyond it (deep stacks on very
+#: large batches) the layers run one by one. (For its backward pass the stacked path keeps about
+#: B·K·(3D + 6) numbers amortised, and B·K·3 plus the coupling matrices global.)
 MAX_COUPLING_ELEMENTS = 1 << 24
 
 
@@ -65,126 +76,197 @@ def refuse_double_backward() -> None:
         )
 
 
-def _outer(rows: Tensor, cols: Tensor, shared: bool) -> Tensor:
-    """rows (B, K) ⊗ cols (B, N) -> (B, K, N), or summed over B to (1, K, N) when shared."""
-    if shared:
-        return (rows.transpose(0, 1) @ cols).unsqueeze(0)
-    return rows.unsqueeze(2) * cols.unsqueeze(1)
-
-
-def _reduce(t: Tensor, shared: bool) -> Tensor:
-    return t.sum(0, keepdim=True) if shared else t
-
-
-def _row_times(bias: Tensor, x: Tensor, mat: Tensor) -> Tensor:
-    """bias + x_i · mat_i per row: x (B, N), mat (B|1, N, M), bias broadcastable to (B, M)."""
-    if mat.shape[0] == 1:
-        return torch.addmm(bias, x, mat[0])
-    return torch.baddbmm(bias.unsqueeze(1), x.unsqueeze(1), mat).squeeze(1)
-
-
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 class PlanarStackFunction(torch.autograd.Function):
+    """Parameters per row (amortised, P = B): the layers one after another, three ops each way.
+
+    z is carried with a column of ones, w with the offset and û with a zero column, so that a
+    layer's pre-activation wᵀz + off is one row-wise dot product and its update one addcmul.
+    Every z_k (forward) and ∂L/∂z_k (backward) is written into a (K, B, ·) buffer, from which
+    the parameter gradients of all layers come in a few batched elementwise ops."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float):
+        d = z.shape[-1]
+        k = params.shape[1]
+        # Per layer [û, 0] and [w, off], laid out (K, B, ·) so that a layer's rows are contiguous.
+        u_aug = z.new_empty(k, z.shape[0], d + 1)
+        u_aug[..., d] = 0.0
+        u, w, b, wu, s, wsq, live, c, _, off = _setup(
+            params, d, scaled, slack, shift, u_hat_out=u_aug[..., :d].transpose(0, 1)
+        )
+        w_aug = torch.empty_like(u_aug)
+        w_aug[..., :d] = w.transpose(0, 1)
+        w_aug[..., d] = off.t()
+        zs = z.new_empty(k, z.shape[0], d + 1)  # zs[k]: [z, 1] before layer k
+        zs[0, :, :d] = z
+        zs[0, :, d] = 1.0
+        t = z.new_empty(k, z.shape[0])
+        z_rows, t_rows, t_cols = zs.unbind(0), t.unbind(0), t.unsqueeze(-1).unbind(0)
+        w_rows, u_rows = w_aug.unbind(0), u_aug.unbind(0)
+        for i in range(k - 1):
+            torch.tanh(torch.linalg.vecdot(z_rows[i], w_rows[i]), out=t_rows[i])
+            torch.addcmul(z_rows[i], u_rows[i], t_cols[i], out=z_rows[i + 1])
+        torch.tanh(torch.linalg.vecdot(z_rows[-1], w_rows[-1]), out=t_rows[-1])
+        y = torch.addcmul(z_rows[-1][:, :d], u_rows[-1][:, :d], t_cols[-1])
+        t_sq = t * t
+        h = 1.0 - t_sq
+        dn = torch.addcmul(t_sq, s.t(), h)  # (K, B)
+        ctx.scaled, ctx.shift = scaled, shift
+        ctx.save_for_backward(u, w, b, wu, s, wsq, c, t, h, dn, live, zs, u_aug, w_aug)
+        return y, torch.log(dn).sum(0)
+
+    @staticmethod
+    def backward(ctx, g_y: Tensor, g_ld: Tensor):
+        refuse_double_backward()
+        u, w, b, wu, s, wsq, c, t, h, dn, live, zs, u_aug, w_aug = ctx.saved_tensors
+        k, d = zs.shape[0], zs.shape[2] - 1
+        g_ld_dn = g_ld / dn  # (K, B)
+        g_ld_h = g_ld_dn * h
+        # h_k ∂L/∂t_k through log-det term k; ∂L/∂a_k adds h_k (∂L/∂z_{k+1})ᵀû_k to it.
+        g_a0 = g_ld_h * t * (2.0 - 2.0 * s.t())
+        gs = g_y.new_empty(k, g_y.shape[0], d)  # gs[k]: ∂L/∂z after layer k
+        gs[-1] = g_y
+        g_a = torch.empty_like(t)
+        g_rows, a_rows, a_cols = gs.unbind(0), g_a.unbind(0), g_a.unsqueeze(-1).unbind(0)
+        h_rows, a0_rows = h.unbind(0), g_a0.unbind(0)
+        w_rows, u_rows = w_aug[..., :d].unbind(0), u_aug[..., :d].unbind(0)
+        for i in range(k - 1, 0, -1):
+            g_t = torch.linalg.vecdot(g_rows[i], u_rows[i])
+            torch.addcmul(a0_rows[i], h_rows[i], g_t, out=a_rows[i])
+            torch.addcmul(g_rows[i], a_cols[i], w_rows[i], out=g_rows[i - 1])
+        g_t = torch.linalg.vecdot(g_rows[0], u_rows[0])
+        torch.addcmul(a0_rows[0], h_rows[0], g_t, out=a_rows[0])
+        g_z = torch.addcmul(g_rows[0], a_cols[0], w_rows[0])
+        # ∂L/∂û and the direct ∂L/∂w written straight into the packed gradient's slots.
+        packed = u.new_empty(u.shape[0], k, 2 * d + 1)
+        g_uhat, g_w = packed[..., :d], packed[..., d : 2 * d]
+        torch.mul(t.unsqueeze(-1), gs, out=g_uhat.transpose(0, 1))
+        torch.mul(g_a.unsqueeze(-1), zs[..., :d], out=g_w.transpose(0, 1))
+        saved = (u, w, b, wu, wsq, live, c)
+        _param_grads(ctx, g_uhat, g_w, g_a.t(), g_ld_h.t(), saved, packed)
+        return g_z, packed, None, None, None
+
+
+def _setup(
+    params: Tensor,
+    d: int,
+    scaled: bool,
+    slack: float,
+    shift: float,
+    u_hat_out: Tensor | None = None,
+):
+    """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above."""
+    u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d]
+    wu = torch.linalg.vecdot(w, u)
+    s = F.softplus(wu + shift if shift else wu) + slack
+    wsq, live = clamped_norm_sq(w)
+    c = (s - 1.0 - wu) / wsq
+    u_hat = torch.addcmul(u, c.unsqueeze(-1), w, out=u_hat_out)
+    off = wsq.sqrt() * b if scaled else b
+    return u, w, b, wu, s, wsq, live, c, u_hat, off
+
+
+def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved, packed=None):
+    """∂L/∂[u, w, b] from ∂L/∂û, the direct ∂L/∂w, ∂L/∂off and ∂L/∂s (shapes (..., K, ·)), as
+    one (..., K, 2D + 1) tensor: ``packed`` when g_uhat and g_w are its first 2D columns."""
+    u, w, b, wu, wsq, live, c = saved
+    g_c = torch.linalg.vecdot(g_uhat, w)
+    g_c_wsq = g_c / wsq
+    g_s = g_s + g_c_wsq
+    g_wu = g_s * torch.sigmoid(wu + ctx.shift if ctx.shift else wu) - g_c_wsq
+    g_wsq = -g_c_wsq * c
+    if ctx.scaled:
+        n = wsq.sqrt()
+        g_b = g_off * n
+        g_wsq = g_wsq + g_off * b / (2.0 * n)
+    else:
+        g_b = g_off
+    g_wsq = torch.where(live, g_wsq, 0.0)
+    # In place: g_uhat and g_w are this backward's own buffers, and each (B, K, D) tensor
+    # less is one allocation (and its page faults) less in a deep stack.
+    g_wu = g_wu.unsqueeze(-1)
+    g_w.addcmul_(c.unsqueeze(-1), g_uhat).addcmul_(g_wu, u)
+    g_w.addcmul_(g_wsq.unsqueeze(-1), w, value=2.0)
+    g_u = g_uhat.addcmul_(g_wu, w)
+    if packed is None:
+        return torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1)
+    packed[..., -1] = g_b
+    return packed
+
+
+class PlanarSharedStackFunction(torch.autograd.Function):
+    """The same maps with one set of parameters for every row (a global stack): the layer
+    quantities are (K, ·), and the pending pre-activations are kept transposed, (m, B), so that
+    each layer's tanh and rank-one update run in place on contiguous rows (tanh_, addmm_)."""
+
     @staticmethod
     def forward(
         ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float, block: int
     ):
-        d = z.shape[-1]
-        u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d :]
-        wu = (w * u).sum(-1)  # (P, K)
-        s = F.softplus(wu + shift if shift else wu) + slack
-        wsq, live = clamped_norm_sq(w)
-        c = (s - 1.0 - wu) / wsq
-        u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
-        off = wsq.sqrt() * b[..., 0] if scaled else b[..., 0]
+        u, w, b, wu, s, wsq, live, c, u_hat, off = _setup(
+            params[0], z.shape[-1], scaled, slack, shift
+        )
         ts, saved = [], []
-        for k0 in range(0, u.shape[1], block):
-            w_t = w[:, k0 : k0 + block].transpose(-1, -2)  # (P, D, m)
-            u_hat_b = u_hat[:, k0 : k0 + block]
-            # coupling[j, k] = û_jᵀw_k: what t_j adds to a_k. Only j < k is ever used: the
-            # entries on and below the diagonal land on pre-activations already consumed.
-            coupling = u_hat_b @ w_t
-            pre = _row_times(off[:, k0 : k0 + block], z, w_t)  # (B, m) pending a_k
-            columns = pre.split(1, dim=1)
-            rows = coupling.unbind(1)
-            t_b = []
-            for k in range(len(columns)):
-                t = torch.tanh(columns[k])
-                t_b.append(t)
-                pre.addcmul_(t, rows[k])
-            t_b = torch.cat(t_b, dim=1)  # (B, m)
+        for k0 in range(0, u.shape[0], block):
+            w_b, u_hat_b = w[k0 : k0 + block], u_hat[k0 : k0 + block]
+            # coupling[j, k] = û_jᵀw_k for j < k, else 0: row j is what t_j adds to every a_k.
+            coupling = torch.triu(u_hat_b @ w_b.t(), diagonal=1)  # (m, m)
+            # The pending pre-activations (m, B) turn into t in place: row k becomes t_k once it
+            # is final, and the later rank-one updates add exactly 0 to it (coupling[k, j] = 0
+            # for j <= k), so reading it while updating is safe.
+            t_b = torch.addmm(off[k0 : k0 + block].unsqueeze(1), w_b, z.t())
+            rows, into = t_b.unsqueeze(1).unbind(0), coupling.unsqueeze(2).unbind(0)
+            for k in range(len(rows) - 1):
+                t_b.addmm_(into[k], rows[k].tanh_())
+            rows[-1].tanh_()
             saved.append((z, coupling))
             ts.append(t_b)
-            z = _row_times(z, t_b, u_hat_b)
-        t = _cat(ts, 1)  # (B, K)
+            z = torch.addmm(z, t_b.t(), u_hat_b)
+        t = _cat(ts, 0)  # (K, B)
         t_sq = t * t
         h = 1.0 - t_sq
-        dn = torch.addcmul(t_sq, s, h)
+        dn = torch.addcmul(t_sq, s.unsqueeze(1), h)
         ctx.scaled, ctx.shift, ctx.block, ctx.blocks = scaled, shift, block, saved
         ctx.save_for_backward(u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live)
-        return z, torch.log(dn).sum(-1)
+        return z, torch.log(dn).sum(0)
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
         u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live = ctx.saved_tensors
         block, blocks = ctx.block, ctx.blocks
-        shared = u.shape[0] == 1 and g_y.shape[0] != 1
-        g_ld_dn = g_ld.unsqueeze(-1) / dn  # (B, K)
-        ld_t = g_ld_dn * 2.0 * t * (1.0 - s)  # ∂L/∂t_k through log-det term k
-        # A gradient broadcast from a scalar (loss = y.sum()) has zero strides, which sends the
-        # batched products below to one small product per row; one copy avoids that.
-        g = g_y.contiguous()  # ∂L/∂z at the output of the current block
+        g_ld_dn = g_ld / dn  # (K, B)
+        # Half of ∂L/∂t_k through log-det term k, 2 t_k (1 - s_k)/dn_k (doubled by addmm's beta).
+        ld_t = (g_ld_dn * t).mul_((1.0 - s).unsqueeze(1))
+        g = g_y.contiguous()
         g_as, g_uhats, g_ws = [], [], []
         for i in range(len(blocks) - 1, -1, -1):
             z_in, coupling = blocks[i]
             k0 = i * block
-            w_b, u_hat_b, t_b = (x[:, k0 : k0 + block] for x in (w, u_hat, t))
-            # ∂L/∂t_k through the block's output and log-det term k, then through every later
-            # pre-activation in the block, last layer first: once every layer after k has added
-            # to column k, ∂L/∂a_k = h_k ∂L/∂t_k. (Adding to columns k and later afterwards is
-            # harmless: they are never read again.)
-            g_t = _row_times(ld_t[:, k0 : k0 + block], g, u_hat_b.transpose(-1, -2))
-            columns = g_t.split(1, dim=1)
-            h_columns = h[:, k0 : k0 + block].split(1, dim=1)
-            into = coupling.unbind(2)
-            g_a = []
-            for k in range(len(columns) - 1, -1, -1):
-                g_ak = columns[k] * h_columns[k]
-                g_a.append(g_ak)
-                g_t.addcmul_(g_ak, into[k])
-            g_a = torch.cat(g_a[::-1], dim=1)  # (B, m)
-            g_coupling = torch.triu(_outer(t_b, g_a, shared), diagonal=1)
-            g_uhats.append(torch.baddbmm(_outer(t_b, g, shared), g_coupling, w_b))
-            g_ws.append(
-                torch.baddbmm(_outer(g_a, z_in, shared), g_coupling.transpose(-1, -2), u_hat_b)
-            )
+            w_b, u_hat_b, t_b = w[k0 : k0 + block], u_hat[k0 : k0 + block], t[k0 : k0 + block]
+            # ∂L/∂t_k (m, B), turned into ∂L/∂a_k in place, last layer first: once every later
+            # layer has added to row k, ∂L/∂a_k = h_k ∂L/∂t_k, and row k receives only 0 after.
+            g_a = torch.addmm(ld_t[k0 : k0 + block], u_hat_b, g.t(), beta=2.0)
+            rows, h_rows = g_a.unsqueeze(1).unbind(0), h[k0 : k0 + block].unbind(0)
+            into = coupling.t().unsqueeze(2).unbind(0)
+            for k in range(len(rows) - 1, 0, -1):
+                g_a.addmm_(into[k], rows[k].mul_(h_rows[k]))
+            rows[0].mul_(h_rows[0])
+            g_coupling = (t_b @ g_a.t()).triu_(1)
+            g_uhats.append(torch.addmm(t_b @ g, g_coupling, w_b))
+            g_ws.append(torch.addmm(g_a @ z_in, g_coupling.t(), u_hat_b))
             g_as.append(g_a)
-            g = _row_times(g, g_a, w_b)
-        g_uhat = _cat(g_uhats[::-1], 1)  # (P, K, D)
-        g_w = _cat(g_ws[::-1], 1)
-        g_off = _reduce(_cat(g_as[::-1], 1), shared)  # (P, K)
-        g_c = (g_uhat * w).sum(-1)
-        g_c_wsq = g_c / wsq
-        g_s = _reduce(g_ld_dn * h, shared) + g_c_wsq
-        g_wu = g_s * torch.sigmoid(wu + ctx.shift if ctx.shift else wu) - g_c_wsq
-        g_wsq = -g_c_wsq * c
-        if ctx.scaled:
-            n = wsq.sqrt()
-            g_b = g_off * n
-            g_wsq = g_wsq + g_off * b[..., 0] / (2.0 * n)
-        else:
-            g_b = g_off
-        g_wsq = torch.where(live, g_wsq, 0.0)
-        g_u = torch.addcmul(g_uhat, g_wu.unsqueeze(-1), w)
-        g_w = torch.addcmul(g_w, c.unsqueeze(-1), g_uhat)
-        g_w = torch.addcmul(g_w, g_wu.unsqueeze(-1), u)
-        g_w = torch.addcmul(g_w, (2.0 * g_wsq).unsqueeze(-1), w)
-        # One gradient for the packed parameters: no zero-filled buffer per slice.
-        return g, torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1), None, None, None, None
+            g = torch.addmm(g, g_a.t(), w_b)
+        g_uhat = _cat(g_uhats[::-1], 0)  # (K, D)
+        g_w = _cat(g_ws[::-1], 0)
+        g_off = _cat(g_as[::-1], 0).sum(1)  # (K,)
+        g_s = (g_ld_dn * h).sum(1)
+        packed = _param_grads(ctx, g_uhat, g_w, g_off, g_s, (u, w, b, wu, wsq, live, c))
+        return g, packed.unsqueeze(0), None, None, None, None
 
 
 def planar_stack_forward(
@@ -199,6 +281,8 @@ def planar_stack_forward(
 
     ``params`` (B|1, K, 2D + 1) holds each layer's [u, w, b] as in the flat amortised layout.
     """
+    if params.shape[0] != 1:
+        return PlanarStackFunction.apply(z, params, scaled_offset, slack, shift)
     if block is None:
         block = block_size(params.shape[1])
-    return PlanarStackFunction.apply(z, params, scaled_offset, slack, shift, block)
+    return PlanarSharedStackFunction.apply(z, params, scaled_offset, slack, shift, block)
