@@ -68,3 +68,14 @@ def test_maxout_trains_as_with_max_pool1d():
             opt.step()
     for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_infinite_maxima_take_the_exact_rule():
+    # inf - inf is NaN, so the float mask finds no winner there and the exact rule answers
+    y = torch.tensor([[1.0, float("inf"), 0.0, 2.0, -float("inf"), -float("inf"), 5.0, 4.0]])
+    g = torch.tensor([[3.0, 7.0]])
+    out_ref, grad_ref = grads(pooled, y, 4, g)
+    out, grad = grads(WindowMax.apply, y, 4, g)
+    assert torch.equal(out, out_ref)
+    assert torch.equal(grad, grad_ref)
+    assert torch.equal(grad, torch.tensor([[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0]]))
