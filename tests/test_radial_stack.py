@@ -90,3 +90,24 @@ def test_stack_gradcheck():
     z = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     params = torch.randn(4, stack.num_params, generator=gen, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: stack(a, b), (z, params.requires_grad_()))
+
+
+def test_a_point_on_the_reference_point_gets_autograds_gradient(monkeypatch):
+    # r = 0: the norm's gradient is 0 there (autograd's convention), not 0/0
+    gen = torch.Generator().manual_seed(11)
+    dim, k, batch = 3, 4, 5
+    stack = flows.build("radial", dim, k, amortized=True).double()
+    params = torch.randn(batch, stack.num_params, generator=gen, dtype=torch.float64)
+    z = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    z[:2] = params[:2, :dim]  # rows 0 and 1 start on their first layer's z0
+    got, ref = _stacked_and_reference(monkeypatch, stack, z, params.requires_grad_())
+    assert all(torch.isfinite(x).all() for x in (got[0], got[1], *got[2]))
+    _assert_agree(got, ref)
+
+
+def test_double_backward_is_refused_with_a_way_out():
+    stack = flows.build("radial", 2, 3, amortized=False).double()
+    z = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    _, ld = stack(z)
+    with pytest.raises(RuntimeError, match="radial.STACKED = False"):
+        torch.autograd.grad(ld.sum(), z, create_graph=True)

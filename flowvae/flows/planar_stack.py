@@ -66,13 +66,13 @@ def clamped_norm_sq(w: Tensor) -> tuple[Tensor, Tensor]:
     return raw.clamp_min(tiny), raw >= tiny
 
 
-def refuse_double_backward() -> None:
+def refuse_double_backward(family: str = "planar") -> None:
     """Called first in a hand-written backward: with create_graph=True it would run under grad
     mode and return a gradient with no second-order part, so say so instead."""
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "the stacked planar path has no double backward (create_graph=True); "
-            "flowvae.flows.planar.STACKED = False runs the layers through ops that have one"
+            f"the stacked {family} path has no double backward (create_graph=True); "
+            f"flowvae.flows.{family}.STACKED = False runs the layers through ops that have one"
         )
 
 
