@@ -225,6 +225,26 @@ def test_bits_per_dim_conversions():
     assert BinaryPixels(levels=256).metrics(90.0, 0.2, 784) == {}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binary_pixels_are_torch_bernoulli_to_the_bit(dtype):
+    """The draw is torch.bernoulli's on the CPU: the same pixels and the same RNG state after,
+    from the global RNG and from a generator (a resumed run depends on both)."""
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randint(0, 256, (300, 784), generator=gen).to(dtype)
+    k[0, :3] = torch.tensor([0.0, 255.0, 128.0], dtype=dtype)  # p = 0 and p = 1 included
+    pixels = BinaryPixels(levels=256)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        got, after = pixels.draw(k.clone()), torch.rand(4, dtype=dtype)
+        torch.manual_seed(seed)
+        want, want_after = torch.bernoulli(k / 255.0), torch.rand(4, dtype=dtype)
+        assert torch.equal(got, want) and torch.equal(after, want_after)
+        assert got[0, 0] == 0 and got[0, 1] == 1 and 0.4 < float(got.mean()) < 0.6
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(pixels.draw(k.clone(), g1), torch.bernoulli(k / 255.0, generator=g2))
+        assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
 def test_continuous_pixels_dequantise_into_the_open_interval():
     k = torch.tensor([[0.0, 255.0, 128.0]]).repeat(1000, 1)
     x = ContinuousPixels(levels=256, eps=1e-3).draw(k.clone(), torch.Generator().manual_seed(0))
