@@ -3,7 +3,7 @@ PYTHON ?= python
 FLOWVAE ?= $(PYTHON) -m flowvae
 RUN ?= runs/energy-U1-planar-k32
 
-.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3 table2-runs bench-sweep figure1 posterior bench-peers
+.PHONY: setup install train test test-fast lint format bench gpu-check figure3 mnist-quick mnist-results table2 keep table2-ablation table3 table2-runs bench-sweep figure1 posterior bench-peers bench-floor
 
 # Runs at once in the grids below (`flowvae sweep --jobs`), each on cores/JOBS threads. Default:
 # one per core, each run on one thread. On the 2-core development machine one run on two threads
@@ -55,6 +55,15 @@ format:
 
 bench:
 	$(PYTHON) benchmarks/run.py
+
+# The VAE training step against its floor at K = 0, 10, 80 on one thread, then where its time
+# goes (docs/benchmarks.md, "How far from the floor"): about four minutes; run it on a quiet
+# machine. The docs' tables are these files' tables (tests/test_docs_benchmarks.py).
+bench-floor:
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/run.py --device cpu --threads 1 --ks 0,10,80 \
+		--compile-ks none --head-only-ks none --no-full-eval --no-memory --seconds-per-item 8 \
+		--iw-samples 200 --out benchmarks/results-floor.md
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/profile_step.py --ks 0,10,80 --out benchmarks/results-profile.md
 
 # flowvae's planar and radial stacks against pyro-ppl's and normflows' layers: the maps checked
 # identical in float64, then forward + backward timed on one thread (benchmarks/peers.py, about

@@ -358,7 +358,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# flowvae's flow layers against pyro and normflows",
         "",
-        f"{meta['when']}, `{meta['command']}`, {meta['machine']}, one thread, "
+        f"{meta['when']}, `{meta['command']}`, {meta['machine']}, revision {meta['revision']}, "
+        "one thread, "
         f"torch {meta['versions']['torch']}, pyro-ppl {meta['versions']['pyro-ppl']}, "
         f"normflows {meta['versions']['normflows']}. Load average (1 min) "
         f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after.",
@@ -410,11 +411,14 @@ def main(argv=None) -> int:
         rows.append({"case": case.name, "checks": checks,
                      "times": time_case(case, args.seconds, args.rounds)})  # fmt: skip
         print(f"done: {case.name}", file=sys.stderr, flush=True)
+    from run import git_revision
+
     meta = {
         "when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "command": "python benchmarks/peers.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "revision": git_revision(),
         "versions": versions(),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],

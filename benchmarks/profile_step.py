@@ -16,6 +16,9 @@ loop body).
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import sys
 import time
 from collections import Counter
@@ -47,6 +50,7 @@ OPS = {
     "aten::addmm": "matrix products (mm, addmm)",
     "aten::bernoulli_": "batch and noise (index, binarise, randn)",
     "aten::index": "batch and noise (index, binarise, randn)",
+    "aten::index_select": "batch and noise (index, binarise, randn)",
     "aten::randint": "batch and noise (index, binarise, randn)",
     "aten::random_": "batch and noise (index, binarise, randn)",
     "aten::normal_": "batch and noise (index, binarise, randn)",
@@ -127,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=bench.default_data_root())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=0, help="top ops listed per K (0: none)")
+    parser.add_argument("--out", default=None, help="also write the table, dated, to this .md")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     groups, walls, plain = {}, {}, {}
@@ -141,8 +147,21 @@ def main(argv: list[str] | None = None) -> None:
             averages = prof.key_averages()
             print(f"K = {k}")
             print(averages.table(sort_by="self_cpu_time_total", row_limit=args.top))
-    print(f"Milliseconds per step (share of the profiled step), {args.threads} thread(s):\n")
-    print(table(args.ks, groups, walls, plain))
+    text = (
+        f"Milliseconds per step (share of the profiled step), {args.threads} thread(s):\n\n"
+        + table(args.ks, groups, walls, plain)
+    )
+    print(text)
+    if args.out:
+        command = " ".join(["python benchmarks/profile_step.py", *(argv or sys.argv[1:])])
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        head = (
+            f"{when}, `{command}`, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, revision {bench.git_revision()}; load average (1 min) "
+            f"{load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after."
+        )
+        Path(args.out).write_text(f"# Where a training step's time goes\n\n{head}\n\n{text}\n")
 
 
 if __name__ == "__main__":
