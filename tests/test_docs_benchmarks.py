@@ -11,25 +11,18 @@ one the scripts measured, not one typed in.
 
 from __future__ import annotations
 
-import re
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"<!-- table: (?P<source>\S+) -->")
-
-
-def tables(lines: list[str]) -> list[list[str]]:
-    """Every run of consecutive table lines."""
-    found, current = [], []
-    for line in [*lines, ""]:
-        if line.startswith("|"):
-            current.append(line.rstrip())
-        elif current:
-            found.append(current)
-            current = []
-    return found
+_spec = importlib.util.spec_from_file_location(
+    "quote_tables", ROOT / "benchmarks" / "quote_tables.py"
+)
+quote_tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quote_tables)
+tables = quote_tables.tables
 
 
 def quoted_tables(doc: Path) -> list[tuple[str, list[str]]]:
@@ -37,7 +30,7 @@ def quoted_tables(doc: Path) -> list[tuple[str, list[str]]]:
     lines = doc.read_text(encoding="utf-8").splitlines()
     quoted = []
     for i, line in enumerate(lines):
-        match = MARKER.search(line)
+        match = quote_tables.MARKER.search(line)
         if match:
             following = tables(lines[i + 1 :])
             assert following, f"{doc.name}:{i + 1}: a table marker with no table after it"
@@ -69,3 +62,14 @@ def test_a_changed_number_is_caught(tmp_path):
     ((source, table),) = quoted_tables(doc)
     assert table not in tables(Path(source).read_text().splitlines())
     assert table[:2] == ["| a | b |", "|---|---:|"]
+
+
+def test_quote_tables_copies_the_table_with_the_same_header(tmp_path):
+    results = tmp_path / "results.md"
+    results.write_text("| k | s |\n|---|---:|\n| 1 | 9 |\n\n| a | b |\n|---|---:|\n| x | 1.25 |\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"text\n<!-- table: {results} -->\n| a | b |\n|---|---:|\n| x | 7 |\n\nend\n")
+    assert quote_tables.refresh(doc) is True
+    assert doc.read_text().splitlines()[2:6] == ["| a | b |", "|---|---:|", "| x | 1.25 |", ""]
+    assert doc.read_text().endswith("end\n")
+    assert quote_tables.refresh(doc) is False
