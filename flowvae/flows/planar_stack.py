@@ -81,7 +81,7 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 class PlanarStackFunction(torch.autograd.Function):
-    """Parameters per row (amortised, P = B): the layers one after another, three ops each way.
+    """Parameters per row (amortised, P = B): the layers one after another, two ops each way.
 
     z is carried with a column of ones, w with the offset and û with a zero column, so that a
     layer's pre-activation wᵀz + off is one row-wise dot product and its update one addcmul.
@@ -90,64 +90,71 @@ class PlanarStackFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float):
-        d = z.shape[-1]
-        k = params.shape[1]
-        # Per layer [û, 0] and [w, off], laid out (K, B, ·) so that a layer's rows are contiguous.
-        u_aug = z.new_empty(k, z.shape[0], d + 1)
-        u_aug[..., d] = 0.0
-        u, w, b, wu, s, wsq, live, c, _, off = _setup(
-            params, d, scaled, slack, shift, u_hat_out=u_aug[..., :d].transpose(0, 1)
+        rows, k, d = z.shape[0], params.shape[1], z.shape[-1]
+        # Per layer [û, 0, w, off], laid out (K, B, ·) so that a layer's rows are contiguous:
+        # [û, 0] and [w, off] pair with [z, 1] here, [0, w] with [-2, ∂L/∂z] in the backward.
+        q = z.new_empty(k, rows, 2 * d + 2)
+        saved, s, m, _, _ = _setup(
+            params,
+            d,
+            scaled,
+            slack,
+            shift,
+            u_hat_out=q[..., :d].transpose(0, 1),
+            off_out=q[..., -1].t(),
         )
-        w_aug = torch.empty_like(u_aug)
-        w_aug[..., :d] = w.transpose(0, 1)
-        w_aug[..., d] = off.t()
-        zs = z.new_empty(k, z.shape[0], d + 1)  # zs[k]: [z, 1] before layer k
-        zs[0, :, :d] = z
-        zs[0, :, d] = 1.0
-        t = z.new_empty(k, z.shape[0])
-        z_rows, t_rows, t_cols = zs.unbind(0), t.unbind(0), t.unsqueeze(-1).unbind(0)
-        w_rows, u_rows = w_aug.unbind(0), u_aug.unbind(0)
+        q[..., d].zero_()
+        q[..., d + 1 : -1].copy_(saved[1].transpose(0, 1))
+        zs = z.new_empty(k, rows, 1, d + 1)  # zs[k]: [z, 1] before layer k
+        zs[0, :, 0, :d] = z
+        zs[0, :, 0, d] = 1.0
+        t4 = z.new_empty(k, rows, 1, 1)
+        # Row-wise dot products as (B, 1, D + 1) x (B, D + 1, 1) products: bmm writes a (B, 1, 1)
+        # result that broadcasts in the update, and is faster here than linalg.vecdot.
+        z_rows, t_rows = zs.unbind(0), t4.unbind(0)
+        u_rows = q[..., : d + 1].unsqueeze(2).unbind(0)
+        w_rows = q[..., d + 1 :].unsqueeze(3).unbind(0)
         for i in range(k - 1):
-            torch.tanh(torch.linalg.vecdot(z_rows[i], w_rows[i]), out=t_rows[i])
-            torch.addcmul(z_rows[i], u_rows[i], t_cols[i], out=z_rows[i + 1])
-        torch.tanh(torch.linalg.vecdot(z_rows[-1], w_rows[-1]), out=t_rows[-1])
-        y = torch.addcmul(z_rows[-1][:, :d], u_rows[-1][:, :d], t_cols[-1])
+            torch.bmm(z_rows[i], w_rows[i], out=t_rows[i]).tanh_()
+            torch.addcmul(z_rows[i], u_rows[i], t_rows[i], out=z_rows[i + 1])
+        torch.bmm(z_rows[-1], w_rows[-1], out=t_rows[-1]).tanh_()
+        y = torch.addcmul(z_rows[-1], u_rows[-1], t_rows[-1])[:, 0, :d]
+        t = t4.view(k, rows)
         t_sq = t * t
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s.t(), h)  # (K, B)
-        ctx.scaled, ctx.shift = scaled, shift
-        ctx.save_for_backward(u, w, b, wu, s, wsq, c, t, h, dn, live, zs, u_aug, w_aug)
+        ctx.save_for_backward(*saved, t4, h, dn, m, zs, q)
         return y, torch.log(dn).sum(0)
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
-        u, w, b, wu, s, wsq, c, t, h, dn, live, zs, u_aug, w_aug = ctx.saved_tensors
-        k, d = zs.shape[0], zs.shape[2] - 1
-        g_ld_dn = g_ld / dn  # (K, B)
-        g_ld_h = g_ld_dn * h
-        # h_k ∂L/∂t_k through log-det term k; ∂L/∂a_k adds h_k (∂L/∂z_{k+1})ᵀû_k to it.
-        g_a0 = g_ld_h * t * (2.0 - 2.0 * s.t())
-        gs = g_y.new_empty(k, g_y.shape[0], d)  # gs[k]: ∂L/∂z after layer k
-        gs[-1] = g_y
-        g_a = torch.empty_like(t)
-        g_rows, a_rows, a_cols = gs.unbind(0), g_a.unbind(0), g_a.unsqueeze(-1).unbind(0)
-        h_rows, a0_rows = h.unbind(0), g_a0.unbind(0)
-        w_rows, u_rows = w_aug[..., :d].unbind(0), u_aug[..., :d].unbind(0)
+        *saved, t4, h, dn, m, zs, q = ctx.saved_tensors
+        k, rows, d = zs.shape[0], zs.shape[1], zs.shape[3] - 1
+        g_ld_h = (g_ld / dn).mul_(h)  # ∂L/∂s_k, (K, B)
+        # ∂L/∂a_k = h_k (ûₖᵀ∂L/∂z_{k+1} + ∂L/∂t_k through log-det term k) is one row-wise dot
+        # product of [-2, ∂L/∂z_{k+1}] with [(s_k - 1) t_k ∂L/∂s_k, h_k û_k].
+        hu = q.new_empty(k, rows, d + 1)
+        torch.mul(h.unsqueeze(-1), q[..., :d], out=hu[..., 1:])
+        torch.mul(g_ld_h * t4.view(k, rows), m.t(), out=hu[..., 0])
+        gs = torch.empty_like(zs)  # gs[k]: [-2, ∂L/∂z after layer k]
+        gs[..., 0] = -2.0
+        gs[-1, :, 0, 1:] = g_y
+        g_a4 = torch.empty_like(t4)
+        g_rows, a_rows = gs.unbind(0), g_a4.unbind(0)
+        hu_rows = hu.unsqueeze(3).unbind(0)
+        w_rows = q[..., d : 2 * d + 1].unsqueeze(2).unbind(0)
         for i in range(k - 1, 0, -1):
-            g_t = torch.linalg.vecdot(g_rows[i], u_rows[i])
-            torch.addcmul(a0_rows[i], h_rows[i], g_t, out=a_rows[i])
-            torch.addcmul(g_rows[i], a_cols[i], w_rows[i], out=g_rows[i - 1])
-        g_t = torch.linalg.vecdot(g_rows[0], u_rows[0])
-        torch.addcmul(a0_rows[0], h_rows[0], g_t, out=a_rows[0])
-        g_z = torch.addcmul(g_rows[0], a_cols[0], w_rows[0])
+            torch.bmm(g_rows[i], hu_rows[i], out=a_rows[i])
+            torch.addcmul(g_rows[i], w_rows[i], a_rows[i], out=g_rows[i - 1])
+        torch.bmm(g_rows[0], hu_rows[0], out=a_rows[0])
+        g_z = torch.addcmul(g_rows[0], w_rows[0], a_rows[0])[:, 0, 1:]
         # ∂L/∂û and the direct ∂L/∂w written straight into the packed gradient's slots.
-        packed = u.new_empty(u.shape[0], k, 2 * d + 1)
+        packed = q.new_empty(rows, k, 2 * d + 1)
         g_uhat, g_w = packed[..., :d], packed[..., d : 2 * d]
-        torch.mul(t.unsqueeze(-1), gs, out=g_uhat.transpose(0, 1))
-        torch.mul(g_a.unsqueeze(-1), zs[..., :d], out=g_w.transpose(0, 1))
-        saved = (u, w, b, wu, wsq, live, c)
-        _param_grads(ctx, g_uhat, g_w, g_a.t(), g_ld_h.t(), saved, packed)
+        torch.mul(t4[..., 0], gs[:, :, 0, 1:], out=g_uhat.transpose(0, 1))
+        torch.mul(g_a4[..., 0], zs[:, :, 0, :d], out=g_w.transpose(0, 1))
+        _param_grads(g_uhat, g_w, g_a4.view(k, rows).t(), g_ld_h.t(), saved, packed)
         return g_z, packed, None, None, None
 
 
@@ -158,43 +165,51 @@ def _setup(
     slack: float,
     shift: float,
     u_hat_out: Tensor | None = None,
+    off_out: Tensor | None = None,
 ):
-    """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above."""
+    """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above.
+
+    Returns what _param_grads needs, (u, w, b, x, ‖w‖², live, c, ‖w‖ or None), then s, s - 1,
+    û and off (written into u_hat_out and off_out when given)."""
     u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d]
     wu = torch.linalg.vecdot(w, u)
-    s = F.softplus(wu + shift if shift else wu) + slack
+    x = wu + shift if shift else wu
+    s = F.softplus(x) + slack
     wsq, live = clamped_norm_sq(w)
-    c = (s - 1.0 - wu) / wsq
+    m = s - 1.0  # wᵀû
+    c = torch.sub(m, wu).div_(wsq)
     u_hat = torch.addcmul(u, c.unsqueeze(-1), w, out=u_hat_out)
-    off = wsq.sqrt() * b if scaled else b
-    return u, w, b, wu, s, wsq, live, c, u_hat, off
+    n = wsq.sqrt() if scaled else None
+    if scaled:
+        off = torch.mul(n, b, out=off_out)
+    else:
+        off = b if off_out is None else off_out.copy_(b)
+    return (u, w, b, x, wsq, live, c, n), s, m, u_hat, off
 
 
-def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved, packed=None):
+def _param_grads(g_uhat, g_w, g_off, g_s, saved, packed=None):
     """∂L/∂[u, w, b] from ∂L/∂û, the direct ∂L/∂w, ∂L/∂off and ∂L/∂s (shapes (..., K, ·)), as
     one (..., K, 2D + 1) tensor: ``packed`` when g_uhat and g_w are its first 2D columns."""
-    u, w, b, wu, wsq, live, c = saved
-    g_c = torch.linalg.vecdot(g_uhat, w)
-    g_c_wsq = g_c / wsq
-    g_s = g_s + g_c_wsq
-    g_wu = g_s * torch.sigmoid(wu + ctx.shift if ctx.shift else wu) - g_c_wsq
-    g_wsq = -g_c_wsq * c
-    if ctx.scaled:
-        n = wsq.sqrt()
-        g_b = g_off * n
-        g_wsq = g_wsq + g_off * b / (2.0 * n)
-    else:
-        g_b = g_off
-    g_wsq = torch.where(live, g_wsq, 0.0)
+    u, w, b, x, wsq, live, c, n = saved
+    g_c_wsq = torch.linalg.vecdot(g_uhat, w).div_(wsq)  # ∂L/∂c / ‖w‖²
+    g_wu = torch.mul(g_s + g_c_wsq, torch.sigmoid(x)).sub_(g_c_wsq)
+    neg_g_wsq = g_c_wsq * c  # -∂L/∂‖w‖²
+    if n is not None:
+        neg_g_wsq.addcmul_(g_off, b / n, value=-0.5)
+    neg_g_wsq = torch.where(live, neg_g_wsq, 0.0)
     # In place: g_uhat and g_w are this backward's own buffers, and each (B, K, D) tensor
     # less is one allocation (and its page faults) less in a deep stack.
     g_wu = g_wu.unsqueeze(-1)
     g_w.addcmul_(c.unsqueeze(-1), g_uhat).addcmul_(g_wu, u)
-    g_w.addcmul_(g_wsq.unsqueeze(-1), w, value=2.0)
+    g_w.addcmul_(neg_g_wsq.unsqueeze(-1), w, value=-2.0)
     g_u = g_uhat.addcmul_(g_wu, w)
     if packed is None:
+        g_b = g_off if n is None else g_off * n
         return torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1)
-    packed[..., -1] = g_b
+    if n is None:
+        packed[..., -1].copy_(g_off)
+    else:
+        torch.mul(g_off, n, out=packed[..., -1])
     return packed
 
 
@@ -207,11 +222,10 @@ class PlanarSharedStackFunction(torch.autograd.Function):
     def forward(
         ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float, block: int
     ):
-        u, w, b, wu, s, wsq, live, c, u_hat, off = _setup(
-            params[0], z.shape[-1], scaled, slack, shift
-        )
+        layer, s, _, u_hat, off = _setup(params[0], z.shape[-1], scaled, slack, shift)
+        w = layer[1]
         ts, saved = [], []
-        for k0 in range(0, u.shape[0], block):
+        for k0 in range(0, w.shape[0], block):
             w_b, u_hat_b = w[k0 : k0 + block], u_hat[k0 : k0 + block]
             # coupling[j, k] = û_jᵀw_k for j < k, else 0: row j is what t_j adds to every a_k.
             coupling = torch.triu(u_hat_b @ w_b.t(), diagonal=1)  # (m, m)
@@ -230,15 +244,15 @@ class PlanarSharedStackFunction(torch.autograd.Function):
         t_sq = t * t
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s.unsqueeze(1), h)
-        ctx.scaled, ctx.shift, ctx.block, ctx.blocks = scaled, shift, block, saved
-        ctx.save_for_backward(u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live)
+        ctx.block, ctx.blocks = block, saved
+        ctx.save_for_backward(*layer, s, u_hat, t, h, dn)
         return z, torch.log(dn).sum(0)
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
-        u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live = ctx.saved_tensors
-        block, blocks = ctx.block, ctx.blocks
+        *layer, s, u_hat, t, h, dn = ctx.saved_tensors
+        w, block, blocks = layer[1], ctx.block, ctx.blocks
         g_ld_dn = g_ld / dn  # (K, B)
         # Half of ∂L/∂t_k through log-det term k, 2 t_k (1 - s_k)/dn_k (doubled by addmm's beta).
         ld_t = (g_ld_dn * t).mul_((1.0 - s).unsqueeze(1))
@@ -265,7 +279,7 @@ class PlanarSharedStackFunction(torch.autograd.Function):
         g_w = _cat(g_ws[::-1], 0)
         g_off = _cat(g_as[::-1], 0).sum(1)  # (K,)
         g_s = (g_ld_dn * h).sum(1)
-        packed = _param_grads(ctx, g_uhat, g_w, g_off, g_s, (u, w, b, wu, wsq, live, c))
+        packed = _param_grads(g_uhat, g_w, g_off, g_s, layer)
         return g, packed.unsqueeze(0), None, None, None, None
 
 
