@@ -59,11 +59,11 @@ MAX_COUPLING_ELEMENTS = 1 << 24
 
 def clamped_norm_sq(w: Tensor) -> tuple[Tensor, Tensor]:
     """‖w‖² clamped up to the smallest normal number, and where the clamp passes gradient."""
-    raw = (w * w).sum(-1)
-    tiny = torch.finfo(w.dtype).tiny
+    raw = torch.linalg.vecdot(w, w)
+    wsq = raw.clamp_min(torch.finfo(w.dtype).tiny)
     # Below the clamp the reference ops (clamp_min) pass no gradient; the backward must match,
-    # else 1/‖w‖² turns the gradient of w into inf/NaN.
-    return raw.clamp_min(tiny), raw >= tiny
+    # else 1/‖w‖² turns the gradient of w into inf/NaN. (raw >= wsq is raw >= tiny.)
+    return wsq, raw >= wsq
 
 
 def refuse_double_backward() -> None:
@@ -81,19 +81,23 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 class PlanarStackFunction(torch.autograd.Function):
-    """Parameters per row (amortised, P = B): the layers one after another, two ops each way.
+    """Parameters per row (amortised, P = B): the layers one after another, three ops forward
+    and two backward per layer.
 
-    z is carried with a column of ones, w with the offset and û with a zero column, so that a
-    layer's pre-activation wᵀz + off is one row-wise dot product and its update one addcmul.
-    Every z_k (forward) and ∂L/∂z_k (backward) is written into a (K, B, ·) buffer, from which
-    the parameter gradients of all layers come in a few batched elementwise ops."""
+    Each layer's row-wise dot products are batched matrix products of (B, 1, D) rows with
+    (B, D, 1) columns, accumulated in place onto what is known beforehand (the offsets, and
+    the log-det part of ∂L/∂a): (B, 1, 1) results that broadcast in the updates, and cheaper
+    here than linalg.vecdot. Every z_k (forward) and ∂L/∂z_k (backward) is written into a
+    (K, B, ·) buffer, from which the parameter gradients of all layers come in a few batched
+    elementwise ops."""
 
     @staticmethod
     def forward(ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float):
         rows, k, d = z.shape[0], params.shape[1], z.shape[-1]
-        # Per layer [û, 0, w, off], laid out (K, B, ·) so that a layer's rows are contiguous:
-        # [û, 0] and [w, off] pair with [z, 1] here, [0, w] with [-2, ∂L/∂z] in the backward.
-        q = z.new_empty(k, rows, 2 * d + 2)
+        # Per layer [û, w] and the pre-activations, laid out (K, B, ·) so that a layer's rows are
+        # contiguous; the pre-activations start as the offsets.
+        q = z.new_empty(k, rows, 2 * d)
+        a4 = z.new_empty(k, rows, 1, 1)
         saved, s, m, _, _ = _setup(
             params,
             d,
@@ -101,60 +105,54 @@ class PlanarStackFunction(torch.autograd.Function):
             slack,
             shift,
             u_hat_out=q[..., :d].transpose(0, 1),
-            off_out=q[..., -1].t(),
+            off_out=a4.view(k, rows).t(),
         )
-        q[..., d].zero_()
-        q[..., d + 1 : -1].copy_(saved[1].transpose(0, 1))
-        zs = z.new_empty(k, rows, 1, d + 1)  # zs[k]: [z, 1] before layer k
-        zs[0, :, 0, :d] = z
-        zs[0, :, 0, d] = 1.0
-        t4 = z.new_empty(k, rows, 1, 1)
-        # Row-wise dot products as (B, 1, D + 1) x (B, D + 1, 1) products: bmm writes a (B, 1, 1)
-        # result that broadcasts in the update, and is faster here than linalg.vecdot.
-        z_rows, t_rows = zs.unbind(0), t4.unbind(0)
-        u_rows = q[..., : d + 1].unsqueeze(2).unbind(0)
-        w_rows = q[..., d + 1 :].unsqueeze(3).unbind(0)
+        q[..., d:].copy_(saved[1].transpose(0, 1))
+        zs = z.new_empty(k, rows, 1, d)  # zs[k]: z before layer k
+        z_rows, a_rows = zs.unbind(0), a4.unbind(0)
+        u_rows = q[..., :d].unsqueeze(2).unbind(0)
+        w_cols = q[..., d:].unsqueeze(3).unbind(0)
+        z_rows[0].copy_(z.unsqueeze(1))
         for i in range(k - 1):
-            torch.bmm(z_rows[i], w_rows[i], out=t_rows[i]).tanh_()
-            torch.addcmul(z_rows[i], u_rows[i], t_rows[i], out=z_rows[i + 1])
-        torch.bmm(z_rows[-1], w_rows[-1], out=t_rows[-1]).tanh_()
-        y = torch.addcmul(z_rows[-1], u_rows[-1], t_rows[-1])[:, 0, :d]
-        t = t4.view(k, rows)
+            a_rows[i].baddbmm_(z_rows[i], w_cols[i]).tanh_()
+            torch.addcmul(z_rows[i], u_rows[i], a_rows[i], out=z_rows[i + 1])
+        a_rows[-1].baddbmm_(z_rows[-1], w_cols[-1]).tanh_()
+        y = torch.addcmul(z_rows[-1], u_rows[-1], a_rows[-1]).view(rows, d)
+        # t is kept apart: the backward pass reuses a4 (through a_rows) for ∂L/∂a.
+        t = a4.view(k, rows).clone()
         t_sq = t * t
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s.t(), h)  # (K, B)
-        ctx.save_for_backward(*saved, t4, h, dn, m, zs, q)
+        ctx.a4, ctx.a_rows, ctx.w_cols = a4, a_rows, w_cols
+        ctx.save_for_backward(*saved, t, h, dn, m, zs, q)
         return y, torch.log(dn).sum(0)
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
-        *saved, t4, h, dn, m, zs, q = ctx.saved_tensors
-        k, rows, d = zs.shape[0], zs.shape[1], zs.shape[3] - 1
+        *saved, t, h, dn, m, zs, q = ctx.saved_tensors
+        g_a4, a_rows, w_cols = ctx.a4, ctx.a_rows, ctx.w_cols
+        k, rows, d = zs.shape[0], zs.shape[1], zs.shape[3]
         g_ld_h = (g_ld / dn).mul_(h)  # ∂L/∂s_k, (K, B)
-        # ∂L/∂a_k = h_k (ûₖᵀ∂L/∂z_{k+1} + ∂L/∂t_k through log-det term k) is one row-wise dot
-        # product of [-2, ∂L/∂z_{k+1}] with [(s_k - 1) t_k ∂L/∂s_k, h_k û_k].
-        hu = q.new_empty(k, rows, d + 1)
-        torch.mul(h.unsqueeze(-1), q[..., :d], out=hu[..., 1:])
-        torch.mul(g_ld_h * t4.view(k, rows), m.t(), out=hu[..., 0])
-        gs = torch.empty_like(zs)  # gs[k]: [-2, ∂L/∂z after layer k]
-        gs[..., 0] = -2.0
-        gs[-1, :, 0, 1:] = g_y
-        g_a4 = torch.empty_like(t4)
-        g_rows, a_rows = gs.unbind(0), g_a4.unbind(0)
-        hu_rows = hu.unsqueeze(3).unbind(0)
-        w_rows = q[..., d : 2 * d + 1].unsqueeze(2).unbind(0)
+        # ∂L/∂a_k = h_k ûₖᵀ∂L/∂z_{k+1} + h_k ∂L/∂t_k through log-det term k; the second term is
+        # 2 (1 - s_k) t_k ∂L/∂s_k, known beforehand.
+        g_a = g_a4.view(k, rows)
+        torch.mul(g_ld_h * t, m.t(), out=g_a).mul_(-2.0)
+        hu_rows = torch.mul(h.unsqueeze(-1), q[..., :d]).unsqueeze(2).unbind(0)
+        gs = zs.new_empty(k, rows, d, 1)  # gs[k]: ∂L/∂z after layer k
+        g_cols = gs.unbind(0)
+        g_cols[-1].copy_(g_y.unsqueeze(-1))
         for i in range(k - 1, 0, -1):
-            torch.bmm(g_rows[i], hu_rows[i], out=a_rows[i])
-            torch.addcmul(g_rows[i], w_rows[i], a_rows[i], out=g_rows[i - 1])
-        torch.bmm(g_rows[0], hu_rows[0], out=a_rows[0])
-        g_z = torch.addcmul(g_rows[0], w_rows[0], a_rows[0])[:, 0, 1:]
+            a_rows[i].baddbmm_(hu_rows[i], g_cols[i])
+            torch.addcmul(g_cols[i], w_cols[i], a_rows[i], out=g_cols[i - 1])
+        a_rows[0].baddbmm_(hu_rows[0], g_cols[0])
+        g_z = torch.addcmul(g_cols[0], w_cols[0], a_rows[0]).view(rows, d)
         # ∂L/∂û and the direct ∂L/∂w written straight into the packed gradient's slots.
         packed = q.new_empty(rows, k, 2 * d + 1)
         g_uhat, g_w = packed[..., :d], packed[..., d : 2 * d]
-        torch.mul(t4[..., 0], gs[:, :, 0, 1:], out=g_uhat.transpose(0, 1))
-        torch.mul(g_a4[..., 0], zs[:, :, 0, :d], out=g_w.transpose(0, 1))
-        _param_grads(g_uhat, g_w, g_a4.view(k, rows).t(), g_ld_h.t(), saved, packed)
+        torch.mul(t.unsqueeze(-1), gs.view(k, rows, d), out=g_uhat.transpose(0, 1))
+        torch.mul(g_a.unsqueeze(-1), zs.view(k, rows, d), out=g_w.transpose(0, 1))
+        _param_grads(g_uhat, g_w, g_a.t(), g_ld_h.t(), saved, packed)
         return g_z, packed, None, None, None
 
 
