@@ -94,24 +94,16 @@ class PlanarStackFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float):
         rows, k, d = z.shape[0], params.shape[1], z.shape[-1]
-        # Per layer [û, w] and the pre-activations, laid out (K, B, ·) so that a layer's rows are
-        # contiguous; the pre-activations start as the offsets.
-        q = z.new_empty(k, rows, 2 * d)
+        # The pre-activations, (K, B) so that a layer's are contiguous, start as the offsets.
         a4 = z.new_empty(k, rows, 1, 1)
-        saved, s, m, _, _ = _setup(
-            params,
-            d,
-            scaled,
-            slack,
-            shift,
-            u_hat_out=q[..., :d].transpose(0, 1),
-            off_out=a4.view(k, rows).t(),
+        saved, s, m, u_hat, _ = _setup(
+            params, d, scaled, slack, shift, off_out=a4.view(k, rows).t()
         )
-        q[..., d:].copy_(saved[1].transpose(0, 1))
         zs = z.new_empty(k, rows, 1, d)  # zs[k]: z before layer k
         z_rows, a_rows = zs.unbind(0), a4.unbind(0)
-        u_rows = q[..., :d].unsqueeze(2).unbind(0)
-        w_cols = q[..., d:].unsqueeze(3).unbind(0)
+        # Layer k's û and w are read in place, rows of stride K·(·): cheaper than a copy.
+        u_rows = u_hat.unsqueeze(2).unbind(1)
+        w_cols = saved[1].unsqueeze(3).unbind(1)
         z_rows[0].copy_(z.unsqueeze(1))
         for i in range(k - 1):
             a_rows[i].baddbmm_(z_rows[i], w_cols[i]).tanh_()
@@ -124,13 +116,13 @@ class PlanarStackFunction(torch.autograd.Function):
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s.t(), h)  # (K, B)
         ctx.a4, ctx.a_rows, ctx.w_cols = a4, a_rows, w_cols
-        ctx.save_for_backward(*saved, t, h, dn, m, zs, q)
+        ctx.save_for_backward(*saved, t, h, dn, m, zs, u_hat)
         return y, torch.log(dn).sum(0)
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
-        *saved, t, h, dn, m, zs, q = ctx.saved_tensors
+        *saved, t, h, dn, m, zs, u_hat = ctx.saved_tensors
         g_a4, a_rows, w_cols = ctx.a4, ctx.a_rows, ctx.w_cols
         k, rows, d = zs.shape[0], zs.shape[1], zs.shape[3]
         g_ld_h = (g_ld / dn).mul_(h)  # ∂L/∂s_k, (K, B)
@@ -138,7 +130,7 @@ class PlanarStackFunction(torch.autograd.Function):
         # 2 (1 - s_k) t_k ∂L/∂s_k, known beforehand.
         g_a = g_a4.view(k, rows)
         torch.mul(g_ld_h * t, m.t(), out=g_a).mul_(-2.0)
-        hu_rows = torch.mul(h.unsqueeze(-1), q[..., :d]).unsqueeze(2).unbind(0)
+        hu_rows = torch.mul(h.unsqueeze(-1), u_hat.transpose(0, 1)).unsqueeze(2).unbind(0)
         gs = zs.new_empty(k, rows, d, 1)  # gs[k]: ∂L/∂z after layer k
         g_cols = gs.unbind(0)
         g_cols[-1].copy_(g_y.unsqueeze(-1))
@@ -148,7 +140,7 @@ class PlanarStackFunction(torch.autograd.Function):
         a_rows[0].baddbmm_(hu_rows[0], g_cols[0])
         g_z = torch.addcmul(g_cols[0], w_cols[0], a_rows[0]).view(rows, d)
         # ∂L/∂û and the direct ∂L/∂w written straight into the packed gradient's slots.
-        packed = q.new_empty(rows, k, 2 * d + 1)
+        packed = zs.new_empty(rows, k, 2 * d + 1)
         g_uhat, g_w = packed[..., :d], packed[..., d : 2 * d]
         torch.mul(t.unsqueeze(-1), gs.view(k, rows, d), out=g_uhat.transpose(0, 1))
         torch.mul(g_a.unsqueeze(-1), zs.view(k, rows, d), out=g_w.transpose(0, 1))
@@ -162,13 +154,12 @@ def _setup(
     scaled: bool,
     slack: float,
     shift: float,
-    u_hat_out: Tensor | None = None,
     off_out: Tensor | None = None,
 ):
     """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above.
 
     Returns what _param_grads needs, (u, w, b, x, ‖w‖², live, c, ‖w‖ or None), then s, s - 1,
-    û and off (written into u_hat_out and off_out when given)."""
+    û and off (written into off_out when given)."""
     u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d]
     wu = torch.linalg.vecdot(w, u)
     x = wu + shift if shift else wu
@@ -176,7 +167,7 @@ def _setup(
     wsq, live = clamped_norm_sq(w)
     m = s - 1.0  # wᵀû
     c = torch.sub(m, wu).div_(wsq)
-    u_hat = torch.addcmul(u, c.unsqueeze(-1), w, out=u_hat_out)
+    u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
     n = wsq.sqrt() if scaled else None
     if scaled:
         off = torch.mul(n, b, out=off_out)
