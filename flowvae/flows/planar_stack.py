@@ -58,12 +58,12 @@ MAX_COUPLING_ELEMENTS = 1 << 24
 
 
 def clamped_norm_sq(w: Tensor) -> tuple[Tensor, Tensor]:
-    """‖w‖² clamped up to the smallest normal number, and where the clamp passes gradient."""
+    """‖w‖² clamped up to the smallest normal number, and where the clamp passes no gradient."""
     raw = torch.linalg.vecdot(w, w)
     wsq = raw.clamp_min(torch.finfo(w.dtype).tiny)
     # Below the clamp the reference ops (clamp_min) pass no gradient; the backward must match,
-    # else 1/‖w‖² turns the gradient of w into inf/NaN. (raw >= wsq is raw >= tiny.)
-    return wsq, raw >= wsq
+    # else 1/‖w‖² turns the gradient of w into inf/NaN. (raw < wsq is raw < tiny.)
+    return wsq, raw < wsq
 
 
 def refuse_double_backward() -> None:
@@ -158,13 +158,13 @@ def _setup(
 ):
     """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above.
 
-    Returns what _param_grads needs, (u, w, b, x, ‖w‖², live, c, ‖w‖ or None), then s, s - 1,
+    Returns what _param_grads needs, (u, w, b, x, ‖w‖², where ‖w‖² is clamped, c, ‖w‖ or None), then s, s - 1,
     û and off (written into off_out when given)."""
     u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d]
     wu = torch.linalg.vecdot(w, u)
     x = wu + shift if shift else wu
     s = F.softplus(x) + slack
-    wsq, live = clamped_norm_sq(w)
+    wsq, dead = clamped_norm_sq(w)
     m = s - 1.0  # wᵀû
     c = torch.sub(m, wu).div_(wsq)
     u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
@@ -173,19 +173,19 @@ def _setup(
         off = torch.mul(n, b, out=off_out)
     else:
         off = b if off_out is None else off_out.copy_(b)
-    return (u, w, b, x, wsq, live, c, n), s, m, u_hat, off
+    return (u, w, b, x, wsq, dead, c, n), s, m, u_hat, off
 
 
 def _param_grads(g_uhat, g_w, g_off, g_s, saved, packed=None):
     """∂L/∂[u, w, b] from ∂L/∂û, the direct ∂L/∂w, ∂L/∂off and ∂L/∂s (shapes (..., K, ·)), as
     one (..., K, 2D + 1) tensor: ``packed`` when g_uhat and g_w are its first 2D columns."""
-    u, w, b, x, wsq, live, c, n = saved
+    u, w, b, x, wsq, dead, c, n = saved
     g_c_wsq = torch.linalg.vecdot(g_uhat, w).div_(wsq)  # ∂L/∂c / ‖w‖²
     g_wu = torch.mul(g_s + g_c_wsq, torch.sigmoid(x)).sub_(g_c_wsq)
     neg_g_wsq = g_c_wsq * c  # -∂L/∂‖w‖²
     if n is not None:
         neg_g_wsq.addcmul_(g_off, b / n, value=-0.5)
-    neg_g_wsq = torch.where(live, neg_g_wsq, 0.0)
+    neg_g_wsq.masked_fill_(dead, 0.0)
     # In place: g_uhat and g_w are this backward's own buffers, and each (B, K, D) tensor
     # less is one allocation (and its page faults) less in a deep stack.
     g_wu = g_wu.unsqueeze(-1)
