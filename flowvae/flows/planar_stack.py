@@ -6,13 +6,18 @@ layer by layer, this is tested against. Every per-layer quantity that does not d
 (û, the offset, s and their gradients) is computed for all K layers at once, and the backward
 pass is hand-written; the layer loop keeps only what depends on the previous layer.
 
-Parameters per row (amortised, P = B: PlanarStackFunction). Layer k is three ops each way:
-a_k = [z_k, 1]ᵀ[w_k, off_k] (one row-wise dot product), t_k = tanh(a_k), z_{k+1} = z_k + t_k û_k;
-backwards ∂L/∂a_k = h_k (ûₖᵀ∂L/∂z_{k+1} + ∂L/∂t_k through log-det term k) and
-∂L/∂z_k = ∂L/∂z_{k+1} + ∂L/∂a_k w_k. Every z_k and ∂L/∂z_{k+1} is kept in a (K, B, ·) buffer,
-from which ∂L/∂û_k = t_k ∂L/∂z_{k+1} and the direct ∂L/∂w_k = ∂L/∂a_k z_k of all layers come
-in two elementwise ops. (Batched matrix products over B rows cost about one small product per
-row at these sizes, more than the dot products they would save.)
+Parameters per row (amortised, P = B: PlanarStackFunction). Layer k is three ops forward and
+two backward. The pre-activations start as the offsets and a_k += z_kᵀw_k adds the row-wise dot
+products as one batched (B, 1, D) x (B, D, 1) product in place (baddbmm_: its (B, 1, 1) result
+broadcasts in the update, and it is cheaper here than linalg.vecdot), t_k = tanh(a_k),
+z_{k+1} = z_k + t_k û_k. Backwards ∂L/∂a_k starts as its log-det part, h_k ∂L/∂t_k =
+2 (1 - s_k) t_k ∂L/∂s_k, known beforehand, and takes += (h_k û_k)ᵀ∂L/∂z_{k+1} the same way;
+∂L/∂z_k = ∂L/∂z_{k+1} + ∂L/∂a_k w_k. û_k and w_k are read in place, rows of stride K·(·) in
+the (B, K, ·) tensors (a copy into a layer-major layout costs more than it saves). Every z_k and
+∂L/∂z_{k+1} is kept in a (K, B, ·) buffer, from which ∂L/∂û_k = t_k ∂L/∂z_{k+1} and the direct
+∂L/∂w_k = ∂L/∂a_k z_k of all layers come in two elementwise ops. (Coupling matrices as in the
+global path below would be (K, D) x (D, K) products per row, which cost more at these sizes
+than the dot products they would save.)
 
 One set of parameters for every row (global, P = 1: PlanarSharedStackFunction). Here a layer
 only moves z along û_k, so every later pre-activation is known in closed form:
@@ -28,8 +33,8 @@ same recursion in reverse for ∂L/∂a_k and gets every parameter gradient from
 
 Shapes: z (B, D); the packed parameters [u, w, b] (P, K, 2D + 1).
 
-Notation: wu = wᵀu, s = softplus(wu) + SLACK, c = (s - 1 - wu)/‖w‖², û = u + c·w,
-off = ‖w‖·b̃ (or b), t = tanh(a), h = 1 - t², dn = t² + s·h (the log-det is log dn).
+Notation: wu = wᵀu, x = wu (+ shift), s = softplus(x) + SLACK, c = (s - 1 - wu)/‖w‖²,
+û = u + c·w, off = ‖w‖·b̃ (or b), t = tanh(a), h = 1 - t², dn = t² + s·h (the log-det is log dn).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def block_size(k: int, most: int = BLOCK) -> int:
 
 #: Largest B·K·min(K, BLOCK) for which the stacked path is used; beyond it (deep stacks on very
 #: large batches) the layers run one by one. (For its backward pass the stacked path keeps about
-#: B·K·(3D + 6) numbers amortised, and B·K·3 plus the coupling matrices global.)
+#: B·K·(2D + 10) numbers amortised, and B·K·3 plus the coupling matrices global.)
 MAX_COUPLING_ELEMENTS = 1 << 24
 
 
@@ -82,14 +87,8 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 class PlanarStackFunction(torch.autograd.Function):
     """Parameters per row (amortised, P = B): the layers one after another, three ops forward
-    and two backward per layer.
-
-    Each layer's row-wise dot products are batched matrix products of (B, 1, D) rows with
-    (B, D, 1) columns, accumulated in place onto what is known beforehand (the offsets, and
-    the log-det part of ∂L/∂a): (B, 1, 1) results that broadcast in the updates, and cheaper
-    here than linalg.vecdot. Every z_k (forward) and ∂L/∂z_k (backward) is written into a
-    (K, B, ·) buffer, from which the parameter gradients of all layers come in a few batched
-    elementwise ops."""
+    and two backward per layer (see the module docstring); the parameter gradients of all
+    layers come from the (K, B, ·) buffers of z_k and ∂L/∂z_k in a few batched ops."""
 
     @staticmethod
     def forward(ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float):
