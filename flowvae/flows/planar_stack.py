@@ -95,9 +95,8 @@ class PlanarStackFunction(torch.autograd.Function):
         rows, k, d = z.shape[0], params.shape[1], z.shape[-1]
         # The pre-activations, (K, B) so that a layer's are contiguous, start as the offsets.
         a4 = z.new_empty(k, rows, 1, 1)
-        saved, s, m, u_hat, _ = _setup(
-            params, d, scaled, slack, shift, off_out=a4.view(k, rows).t()
-        )
+        a = a4.view(k, rows)
+        saved, s, m, u_hat, _ = _setup(params, d, scaled, slack, shift, off_out=a.t())
         zs = z.new_empty(k, rows, 1, d)  # zs[k]: z before layer k
         z_rows, a_rows = zs.unbind(0), a4.unbind(0)
         # Layer k's û and w are read in place, rows of stride K·(·): cheaper than a copy.
@@ -109,12 +108,12 @@ class PlanarStackFunction(torch.autograd.Function):
             torch.addcmul(z_rows[i], u_rows[i], a_rows[i], out=z_rows[i + 1])
         a_rows[-1].baddbmm_(z_rows[-1], w_cols[-1]).tanh_()
         y = torch.addcmul(z_rows[-1], u_rows[-1], a_rows[-1]).view(rows, d)
-        # t is kept apart: the backward pass reuses a4 (through a_rows) for ∂L/∂a.
-        t = a4.view(k, rows).clone()
+        # t is kept apart: the backward pass reuses a (through a_rows) for ∂L/∂a.
+        t = a.clone()
         t_sq = t * t
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s.t(), h)  # (K, B)
-        ctx.a4, ctx.a_rows, ctx.w_cols = a4, a_rows, w_cols
+        ctx.a, ctx.a_rows, ctx.w_cols = a, a_rows, w_cols
         ctx.save_for_backward(*saved, t, h, dn, m, zs, u_hat)
         return y, torch.log(dn).sum(0)
 
@@ -122,12 +121,11 @@ class PlanarStackFunction(torch.autograd.Function):
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
         *saved, t, h, dn, m, zs, u_hat = ctx.saved_tensors
-        g_a4, a_rows, w_cols = ctx.a4, ctx.a_rows, ctx.w_cols
+        g_a, a_rows, w_cols = ctx.a, ctx.a_rows, ctx.w_cols
         k, rows, d = zs.shape[0], zs.shape[1], zs.shape[3]
         g_ld_h = (g_ld / dn).mul_(h)  # ∂L/∂s_k, (K, B)
         # ∂L/∂a_k = h_k ûₖᵀ∂L/∂z_{k+1} + h_k ∂L/∂t_k through log-det term k; the second term is
         # 2 (1 - s_k) t_k ∂L/∂s_k, known beforehand.
-        g_a = g_a4.view(k, rows)
         torch.mul(g_ld_h * t, m.t(), out=g_a).mul_(-2.0)
         hu_rows = torch.mul(h.unsqueeze(-1), u_hat.transpose(0, 1)).unsqueeze(2).unbind(0)
         gs = zs.new_empty(k, rows, d, 1)  # gs[k]: ∂L/∂z after layer k
