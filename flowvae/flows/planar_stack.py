@@ -155,8 +155,8 @@ def _setup(
 ):
     """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above.
 
-    Returns what _param_grads needs, (u, w, b, x, ‖w‖², where ‖w‖² is clamped, c, ‖w‖ or None), then s, s - 1,
-    û and off (written into off_out when given)."""
+    Returns what _param_grads needs, (u, w, b, x, ‖w‖², where ‖w‖² is clamped, c, ‖w‖ or
+    None), then s, s - 1, û and off (written into off_out when given)."""
     u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d]
     wu = torch.linalg.vecdot(w, u)
     x = wu + shift if shift else wu
