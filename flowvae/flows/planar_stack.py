@@ -39,6 +39,8 @@ Notation: wu = wᵀu, x = wu (+ shift), s = softplus(x) + SLACK, c = (s - 1 - wu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,6 +71,17 @@ def clamped_norm_sq(w: Tensor) -> tuple[Tensor, Tensor]:
     # Below the clamp the reference ops (clamp_min) pass no gradient; the backward must match,
     # else 1/‖w‖² turns the gradient of w into inf/NaN. (raw < wsq is raw < tiny.)
     return wsq, raw < wsq
+
+
+def _const(value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-dim tensor of like's dtype and device, made once: with a Python float,
+    each small op converts it to a tensor first, about half the op's cost here (3 of 6 µs)."""
+    return _const_tensor(value, like.dtype, like.device)
+
+
+@functools.cache
+def _const_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def refuse_double_backward() -> None:
@@ -111,7 +124,7 @@ class PlanarStackFunction(torch.autograd.Function):
         # t is kept apart: the backward pass reuses a (through a_rows) for ∂L/∂a.
         t = a.clone()
         t_sq = t * t
-        h = 1.0 - t_sq
+        h = _const(1.0, t) - t_sq
         dn = torch.addcmul(t_sq, s.t(), h)  # (K, B)
         ctx.a, ctx.a_rows, ctx.w_cols = a, a_rows, w_cols
         ctx.save_for_backward(*saved, t, h, dn, m, zs, u_hat)
@@ -126,7 +139,7 @@ class PlanarStackFunction(torch.autograd.Function):
         g_ld_h = (g_ld / dn).mul_(h)  # ∂L/∂s_k, (K, B)
         # ∂L/∂a_k = h_k ûₖᵀ∂L/∂z_{k+1} + h_k ∂L/∂t_k through log-det term k; the second term is
         # 2 (1 - s_k) t_k ∂L/∂s_k, known beforehand.
-        torch.mul(g_ld_h * t, m.t(), out=g_a).mul_(-2.0)
+        torch.mul(g_ld_h * t, m.t(), out=g_a).mul_(_const(-2.0, t))
         hu_rows = torch.mul(h.unsqueeze(-1), u_hat.transpose(0, 1)).unsqueeze(2).unbind(0)
         gs = zs.new_empty(k, rows, d, 1)  # gs[k]: ∂L/∂z after layer k
         g_cols = gs.unbind(0)
@@ -159,10 +172,10 @@ def _setup(
     None), then s, s - 1, û and off (written into off_out when given)."""
     u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d]
     wu = torch.linalg.vecdot(w, u)
-    x = wu + shift if shift else wu
-    s = F.softplus(x) + slack
+    x = wu + _const(shift, wu) if shift else wu
+    s = F.softplus(x) + _const(slack, x)
     wsq, dead = clamped_norm_sq(w)
-    m = s - 1.0  # wᵀû
+    m = s - _const(1.0, x)  # wᵀû
     c = torch.sub(m, wu).div_(wsq)
     u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
     n = wsq.sqrt() if scaled else None
