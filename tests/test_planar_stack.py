@@ -94,6 +94,21 @@ def test_double_backward_is_refused_not_wrong():
         torch.autograd.grad(ld.sum(), z, create_graph=True)
 
 
+@pytest.mark.parametrize("batch_params", [1, 4], ids=["global", "amortised"])
+def test_a_retained_graph_gives_the_same_gradients_twice(batch_params):
+    """The amortised backward pass reuses a forward buffer for ∂L/∂a; a second backward pass
+    through a retained graph must still see the forward's values."""
+    z, packed = gradcheck_inputs(batch_params)
+    y, ld = planar_stack_forward(z, packed, True, SLACK, IDENTITY_SHIFT)
+    loss = (y * y).sum() + ld.sum()
+    first = torch.autograd.grad(loss, (z, packed), retain_graph=True)
+    second = torch.autograd.grad(loss, (z, packed))
+    ref = values_and_grads(_reference(True, IDENTITY_SHIFT), z, packed, 2 * y.detach(), 1.0)
+    for a, b, r in zip(first, second, ref[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+
+
 def test_float32_follows_float64():
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(16, 40, generator=gen, dtype=torch.float64)

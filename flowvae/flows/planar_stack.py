@@ -6,13 +6,18 @@ layer by layer, this is tested against. Every per-layer quantity that does not d
 (û, the offset, s and their gradients) is computed for all K layers at once, and the backward
 pass is hand-written; the layer loop keeps only what depends on the previous layer.
 
-Parameters per row (amortised, P = B: PlanarStackFunction). Layer k is three ops each way:
-a_k = [z_k, 1]ᵀ[w_k, off_k] (one row-wise dot product), t_k = tanh(a_k), z_{k+1} = z_k + t_k û_k;
-backwards ∂L/∂a_k = h_k (ûₖᵀ∂L/∂z_{k+1} + ∂L/∂t_k through log-det term k) and
-∂L/∂z_k = ∂L/∂z_{k+1} + ∂L/∂a_k w_k. Every z_k and ∂L/∂z_{k+1} is kept in a (K, B, ·) buffer,
-from which ∂L/∂û_k = t_k ∂L/∂z_{k+1} and the direct ∂L/∂w_k = ∂L/∂a_k z_k of all layers come
-in two elementwise ops. (Batched matrix products over B rows cost about one small product per
-row at these sizes, more than the dot products they would save.)
+Parameters per row (amortised, P = B: PlanarStackFunction). Layer k is three ops forward and
+two backward. The pre-activations start as the offsets and a_k += z_kᵀw_k adds the row-wise dot
+products as one batched (B, 1, D) x (B, D, 1) product in place (baddbmm_: its (B, 1, 1) result
+broadcasts in the update, and it is cheaper here than linalg.vecdot), t_k = tanh(a_k),
+z_{k+1} = z_k + t_k û_k. Backwards ∂L/∂a_k starts as its log-det part, h_k ∂L/∂t_k =
+2 (1 - s_k) t_k ∂L/∂s_k, known beforehand, and takes += (h_k û_k)ᵀ∂L/∂z_{k+1} the same way;
+∂L/∂z_k = ∂L/∂z_{k+1} + ∂L/∂a_k w_k. û_k and w_k are read in place, rows of stride K·(·) in
+the (B, K, ·) tensors (a copy into a layer-major layout costs more than it saves). Every z_k and
+∂L/∂z_{k+1} is kept in a (K, B, ·) buffer, from which ∂L/∂û_k = t_k ∂L/∂z_{k+1} and the direct
+∂L/∂w_k = ∂L/∂a_k z_k of all layers come in two elementwise ops. (Coupling matrices as in the
+global path below would be (K, D) x (D, K) products per row, which cost more at these sizes
+than the dot products they would save.)
 
 One set of parameters for every row (global, P = 1: PlanarSharedStackFunction). Here a layer
 only moves z along û_k, so every later pre-activation is known in closed form:
@@ -28,11 +33,13 @@ same recursion in reverse for ∂L/∂a_k and gets every parameter gradient from
 
 Shapes: z (B, D); the packed parameters [u, w, b] (P, K, 2D + 1).
 
-Notation: wu = wᵀu, s = softplus(wu) + SLACK, c = (s - 1 - wu)/‖w‖², û = u + c·w,
-off = ‖w‖·b̃ (or b), t = tanh(a), h = 1 - t², dn = t² + s·h (the log-det is log dn).
+Notation: wu = wᵀu, x = wu (+ shift), s = softplus(x) + SLACK, c = (s - 1 - wu)/‖w‖²,
+û = u + c·w, off = ‖w‖·b̃ (or b), t = tanh(a), h = 1 - t², dn = t² + s·h (the log-det is log dn).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -53,17 +60,28 @@ def block_size(k: int, most: int = BLOCK) -> int:
 
 #: Largest B·K·min(K, BLOCK) for which the stacked path is used; beyond it (deep stacks on very
 #: large batches) the layers run one by one. (For its backward pass the stacked path keeps about
-#: B·K·(3D + 6) numbers amortised, and B·K·3 plus the coupling matrices global.)
+#: B·K·(2D + 10) numbers amortised, and B·K·3 plus the coupling matrices global.)
 MAX_COUPLING_ELEMENTS = 1 << 24
 
 
 def clamped_norm_sq(w: Tensor) -> tuple[Tensor, Tensor]:
-    """‖w‖² clamped up to the smallest normal number, and where the clamp passes gradient."""
-    raw = (w * w).sum(-1)
-    tiny = torch.finfo(w.dtype).tiny
+    """‖w‖² clamped up to the smallest normal number, and where the clamp passes no gradient."""
+    raw = torch.linalg.vecdot(w, w)
+    wsq = raw.clamp_min(torch.finfo(w.dtype).tiny)
     # Below the clamp the reference ops (clamp_min) pass no gradient; the backward must match,
-    # else 1/‖w‖² turns the gradient of w into inf/NaN.
-    return raw.clamp_min(tiny), raw >= tiny
+    # else 1/‖w‖² turns the gradient of w into inf/NaN. (raw < wsq is raw < tiny.)
+    return wsq, raw < wsq
+
+
+def _const(value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-dim tensor of like's dtype and device, made once: with a Python float,
+    each small op converts it to a tensor first, about half the op's cost here (3 of 6 µs)."""
+    return _const_tensor(value, like.dtype, like.device)
+
+
+@functools.cache
+def _const_tensor(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def refuse_double_backward(family: str = "planar") -> None:
@@ -81,73 +99,62 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 class PlanarStackFunction(torch.autograd.Function):
-    """Parameters per row (amortised, P = B): the layers one after another, three ops each way.
-
-    z is carried with a column of ones, w with the offset and û with a zero column, so that a
-    layer's pre-activation wᵀz + off is one row-wise dot product and its update one addcmul.
-    Every z_k (forward) and ∂L/∂z_k (backward) is written into a (K, B, ·) buffer, from which
-    the parameter gradients of all layers come in a few batched elementwise ops."""
+    """Parameters per row (amortised, P = B): the layers one after another, three ops forward
+    and two backward per layer (see the module docstring); the parameter gradients of all
+    layers come from the (K, B, ·) buffers of z_k and ∂L/∂z_k in a few batched ops."""
 
     @staticmethod
     def forward(ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float):
-        d = z.shape[-1]
-        k = params.shape[1]
-        # Per layer [û, 0] and [w, off], laid out (K, B, ·) so that a layer's rows are contiguous.
-        u_aug = z.new_empty(k, z.shape[0], d + 1)
-        u_aug[..., d] = 0.0
-        u, w, b, wu, s, wsq, live, c, _, off = _setup(
-            params, d, scaled, slack, shift, u_hat_out=u_aug[..., :d].transpose(0, 1)
-        )
-        w_aug = torch.empty_like(u_aug)
-        w_aug[..., :d] = w.transpose(0, 1)
-        w_aug[..., d] = off.t()
-        zs = z.new_empty(k, z.shape[0], d + 1)  # zs[k]: [z, 1] before layer k
-        zs[0, :, :d] = z
-        zs[0, :, d] = 1.0
-        t = z.new_empty(k, z.shape[0])
-        z_rows, t_rows, t_cols = zs.unbind(0), t.unbind(0), t.unsqueeze(-1).unbind(0)
-        w_rows, u_rows = w_aug.unbind(0), u_aug.unbind(0)
+        rows, k, d = z.shape[0], params.shape[1], z.shape[-1]
+        # The pre-activations, (K, B) so that a layer's are contiguous, start as the offsets.
+        a4 = z.new_empty(k, rows, 1, 1)
+        a = a4.view(k, rows)
+        saved, s, m, u_hat, _ = _setup(params, d, scaled, slack, shift, off_out=a.t())
+        zs = z.new_empty(k, rows, 1, d)  # zs[k]: z before layer k
+        z_rows, a_rows = zs.unbind(0), a4.unbind(0)
+        # Layer k's û and w are read in place, rows of stride K·(·): cheaper than a copy.
+        u_rows = u_hat.unsqueeze(2).unbind(1)
+        w_cols = saved[1].unsqueeze(3).unbind(1)
+        z_rows[0].copy_(z.unsqueeze(1))
         for i in range(k - 1):
-            torch.tanh(torch.linalg.vecdot(z_rows[i], w_rows[i]), out=t_rows[i])
-            torch.addcmul(z_rows[i], u_rows[i], t_cols[i], out=z_rows[i + 1])
-        torch.tanh(torch.linalg.vecdot(z_rows[-1], w_rows[-1]), out=t_rows[-1])
-        y = torch.addcmul(z_rows[-1][:, :d], u_rows[-1][:, :d], t_cols[-1])
+            a_rows[i].baddbmm_(z_rows[i], w_cols[i]).tanh_()
+            torch.addcmul(z_rows[i], u_rows[i], a_rows[i], out=z_rows[i + 1])
+        a_rows[-1].baddbmm_(z_rows[-1], w_cols[-1]).tanh_()
+        y = torch.addcmul(z_rows[-1], u_rows[-1], a_rows[-1]).view(rows, d)
+        # t is kept apart: the backward pass reuses a (through a_rows) for ∂L/∂a.
+        t = a.clone()
         t_sq = t * t
-        h = 1.0 - t_sq
+        h = _const(1.0, t) - t_sq
         dn = torch.addcmul(t_sq, s.t(), h)  # (K, B)
-        ctx.scaled, ctx.shift = scaled, shift
-        ctx.save_for_backward(u, w, b, wu, s, wsq, c, t, h, dn, live, zs, u_aug, w_aug)
+        ctx.a, ctx.a_rows, ctx.w_cols = a, a_rows, w_cols
+        ctx.save_for_backward(*saved, t, h, dn, m, zs, u_hat)
         return y, torch.log(dn).sum(0)
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
-        u, w, b, wu, s, wsq, c, t, h, dn, live, zs, u_aug, w_aug = ctx.saved_tensors
-        k, d = zs.shape[0], zs.shape[2] - 1
-        g_ld_dn = g_ld / dn  # (K, B)
-        g_ld_h = g_ld_dn * h
-        # h_k ∂L/∂t_k through log-det term k; ∂L/∂a_k adds h_k (∂L/∂z_{k+1})ᵀû_k to it.
-        g_a0 = g_ld_h * t * (2.0 - 2.0 * s.t())
-        gs = g_y.new_empty(k, g_y.shape[0], d)  # gs[k]: ∂L/∂z after layer k
-        gs[-1] = g_y
-        g_a = torch.empty_like(t)
-        g_rows, a_rows, a_cols = gs.unbind(0), g_a.unbind(0), g_a.unsqueeze(-1).unbind(0)
-        h_rows, a0_rows = h.unbind(0), g_a0.unbind(0)
-        w_rows, u_rows = w_aug[..., :d].unbind(0), u_aug[..., :d].unbind(0)
+        *saved, t, h, dn, m, zs, u_hat = ctx.saved_tensors
+        g_a, a_rows, w_cols = ctx.a, ctx.a_rows, ctx.w_cols
+        k, rows, d = zs.shape[0], zs.shape[1], zs.shape[3]
+        g_ld_h = (g_ld / dn).mul_(h)  # ∂L/∂s_k, (K, B)
+        # ∂L/∂a_k = h_k ûₖᵀ∂L/∂z_{k+1} + h_k ∂L/∂t_k through log-det term k; the second term is
+        # 2 (1 - s_k) t_k ∂L/∂s_k, known beforehand.
+        torch.mul(g_ld_h * t, m.t(), out=g_a).mul_(_const(-2.0, t))
+        hu_rows = torch.mul(h.unsqueeze(-1), u_hat.transpose(0, 1)).unsqueeze(2).unbind(0)
+        gs = zs.new_empty(k, rows, d, 1)  # gs[k]: ∂L/∂z after layer k
+        g_cols = gs.unbind(0)
+        g_cols[-1].copy_(g_y.unsqueeze(-1))
         for i in range(k - 1, 0, -1):
-            g_t = torch.linalg.vecdot(g_rows[i], u_rows[i])
-            torch.addcmul(a0_rows[i], h_rows[i], g_t, out=a_rows[i])
-            torch.addcmul(g_rows[i], a_cols[i], w_rows[i], out=g_rows[i - 1])
-        g_t = torch.linalg.vecdot(g_rows[0], u_rows[0])
-        torch.addcmul(a0_rows[0], h_rows[0], g_t, out=a_rows[0])
-        g_z = torch.addcmul(g_rows[0], a_cols[0], w_rows[0])
+            a_rows[i].baddbmm_(hu_rows[i], g_cols[i])
+            torch.addcmul(g_cols[i], w_cols[i], a_rows[i], out=g_cols[i - 1])
+        a_rows[0].baddbmm_(hu_rows[0], g_cols[0])
+        g_z = torch.addcmul(g_cols[0], w_cols[0], a_rows[0]).view(rows, d)
         # ∂L/∂û and the direct ∂L/∂w written straight into the packed gradient's slots.
-        packed = u.new_empty(u.shape[0], k, 2 * d + 1)
+        packed = zs.new_empty(rows, k, 2 * d + 1)
         g_uhat, g_w = packed[..., :d], packed[..., d : 2 * d]
-        torch.mul(t.unsqueeze(-1), gs, out=g_uhat.transpose(0, 1))
-        torch.mul(g_a.unsqueeze(-1), zs[..., :d], out=g_w.transpose(0, 1))
-        saved = (u, w, b, wu, wsq, live, c)
-        _param_grads(ctx, g_uhat, g_w, g_a.t(), g_ld_h.t(), saved, packed)
+        torch.mul(t.unsqueeze(-1), gs.view(k, rows, d), out=g_uhat.transpose(0, 1))
+        torch.mul(g_a.unsqueeze(-1), zs.view(k, rows, d), out=g_w.transpose(0, 1))
+        _param_grads(g_uhat, g_w, g_a.t(), g_ld_h.t(), saved, packed)
         return g_z, packed, None, None, None
 
 
@@ -157,44 +164,51 @@ def _setup(
     scaled: bool,
     slack: float,
     shift: float,
-    u_hat_out: Tensor | None = None,
+    off_out: Tensor | None = None,
 ):
-    """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above."""
+    """Per-layer quantities of the packed [u, w, b] (..., K, 2D + 1): see the notation above.
+
+    Returns what _param_grads needs, (u, w, b, x, ‖w‖², where ‖w‖² is clamped, c, ‖w‖ or
+    None), then s, s - 1, û and off (written into off_out when given)."""
     u, w, b = params[..., :d], params[..., d : 2 * d], params[..., 2 * d]
     wu = torch.linalg.vecdot(w, u)
-    s = F.softplus(wu + shift if shift else wu) + slack
-    wsq, live = clamped_norm_sq(w)
-    c = (s - 1.0 - wu) / wsq
-    u_hat = torch.addcmul(u, c.unsqueeze(-1), w, out=u_hat_out)
-    off = wsq.sqrt() * b if scaled else b
-    return u, w, b, wu, s, wsq, live, c, u_hat, off
+    x = wu + _const(shift, wu) if shift else wu
+    s = F.softplus(x) + _const(slack, x)
+    wsq, dead = clamped_norm_sq(w)
+    m = s - _const(1.0, x)  # wᵀû
+    c = torch.sub(m, wu).div_(wsq)
+    u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
+    n = wsq.sqrt() if scaled else None
+    if scaled:
+        off = torch.mul(n, b, out=off_out)
+    else:
+        off = b if off_out is None else off_out.copy_(b)
+    return (u, w, b, x, wsq, dead, c, n), s, m, u_hat, off
 
 
-def _param_grads(ctx, g_uhat, g_w, g_off, g_s, saved, packed=None):
+def _param_grads(g_uhat, g_w, g_off, g_s, saved, packed=None):
     """∂L/∂[u, w, b] from ∂L/∂û, the direct ∂L/∂w, ∂L/∂off and ∂L/∂s (shapes (..., K, ·)), as
     one (..., K, 2D + 1) tensor: ``packed`` when g_uhat and g_w are its first 2D columns."""
-    u, w, b, wu, wsq, live, c = saved
-    g_c = torch.linalg.vecdot(g_uhat, w)
-    g_c_wsq = g_c / wsq
-    g_s = g_s + g_c_wsq
-    g_wu = g_s * torch.sigmoid(wu + ctx.shift if ctx.shift else wu) - g_c_wsq
-    g_wsq = -g_c_wsq * c
-    if ctx.scaled:
-        n = wsq.sqrt()
-        g_b = g_off * n
-        g_wsq = g_wsq + g_off * b / (2.0 * n)
-    else:
-        g_b = g_off
-    g_wsq = torch.where(live, g_wsq, 0.0)
+    u, w, b, x, wsq, dead, c, n = saved
+    g_c_wsq = torch.linalg.vecdot(g_uhat, w).div_(wsq)  # ∂L/∂c / ‖w‖²
+    g_wu = torch.mul(g_s + g_c_wsq, torch.sigmoid(x)).sub_(g_c_wsq)
+    neg_g_wsq = g_c_wsq * c  # -∂L/∂‖w‖²
+    if n is not None:
+        neg_g_wsq.addcmul_(g_off, b / n, value=-0.5)
+    neg_g_wsq.masked_fill_(dead, 0.0)
     # In place: g_uhat and g_w are this backward's own buffers, and each (B, K, D) tensor
     # less is one allocation (and its page faults) less in a deep stack.
     g_wu = g_wu.unsqueeze(-1)
     g_w.addcmul_(c.unsqueeze(-1), g_uhat).addcmul_(g_wu, u)
-    g_w.addcmul_(g_wsq.unsqueeze(-1), w, value=2.0)
+    g_w.addcmul_(neg_g_wsq.unsqueeze(-1), w, value=-2.0)
     g_u = g_uhat.addcmul_(g_wu, w)
     if packed is None:
+        g_b = g_off if n is None else g_off * n
         return torch.cat([g_u, g_w, g_b.unsqueeze(-1)], dim=-1)
-    packed[..., -1] = g_b
+    if n is None:
+        packed[..., -1].copy_(g_off)
+    else:
+        torch.mul(g_off, n, out=packed[..., -1])
     return packed
 
 
@@ -207,11 +221,10 @@ class PlanarSharedStackFunction(torch.autograd.Function):
     def forward(
         ctx, z: Tensor, params: Tensor, scaled: bool, slack: float, shift: float, block: int
     ):
-        u, w, b, wu, s, wsq, live, c, u_hat, off = _setup(
-            params[0], z.shape[-1], scaled, slack, shift
-        )
+        layer, s, _, u_hat, off = _setup(params[0], z.shape[-1], scaled, slack, shift)
+        w = layer[1]
         ts, saved = [], []
-        for k0 in range(0, u.shape[0], block):
+        for k0 in range(0, w.shape[0], block):
             w_b, u_hat_b = w[k0 : k0 + block], u_hat[k0 : k0 + block]
             # coupling[j, k] = û_jᵀw_k for j < k, else 0: row j is what t_j adds to every a_k.
             coupling = torch.triu(u_hat_b @ w_b.t(), diagonal=1)  # (m, m)
@@ -230,15 +243,15 @@ class PlanarSharedStackFunction(torch.autograd.Function):
         t_sq = t * t
         h = 1.0 - t_sq
         dn = torch.addcmul(t_sq, s.unsqueeze(1), h)
-        ctx.scaled, ctx.shift, ctx.block, ctx.blocks = scaled, shift, block, saved
-        ctx.save_for_backward(u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live)
+        ctx.block, ctx.blocks = block, saved
+        ctx.save_for_backward(*layer, s, u_hat, t, h, dn)
         return z, torch.log(dn).sum(0)
 
     @staticmethod
     def backward(ctx, g_y: Tensor, g_ld: Tensor):
         refuse_double_backward()
-        u, w, b, wu, s, wsq, c, u_hat, t, h, dn, live = ctx.saved_tensors
-        block, blocks = ctx.block, ctx.blocks
+        *layer, s, u_hat, t, h, dn = ctx.saved_tensors
+        w, block, blocks = layer[1], ctx.block, ctx.blocks
         g_ld_dn = g_ld / dn  # (K, B)
         # Half of ∂L/∂t_k through log-det term k, 2 t_k (1 - s_k)/dn_k (doubled by addmm's beta).
         ld_t = (g_ld_dn * t).mul_((1.0 - s).unsqueeze(1))
@@ -265,7 +278,7 @@ class PlanarSharedStackFunction(torch.autograd.Function):
         g_w = _cat(g_ws[::-1], 0)
         g_off = _cat(g_as[::-1], 0).sum(1)  # (K,)
         g_s = (g_ld_dn * h).sum(1)
-        packed = _param_grads(ctx, g_uhat, g_w, g_off, g_s, (u, w, b, wu, wsq, live, c))
+        packed = _param_grads(g_uhat, g_w, g_off, g_s, layer)
         return g, packed.unsqueeze(0), None, None, None, None
 
 
