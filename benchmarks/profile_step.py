@@ -51,6 +51,8 @@ OPS = {
     "aten::bernoulli_": "batch and noise (index, binarise, randn)",
     "aten::index": "batch and noise (index, binarise, randn)",
     "aten::index_select": "batch and noise (index, binarise, randn)",
+    "aten::uniform_": "batch and noise (index, binarise, randn)",
+    "aten::lt_": "batch and noise (index, binarise, randn)",
     "aten::randint": "batch and noise (index, binarise, randn)",
     "aten::random_": "batch and noise (index, binarise, randn)",
     "aten::normal_": "batch and noise (index, binarise, randn)",
