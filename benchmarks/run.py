@@ -434,7 +434,10 @@ def _git(*args: str) -> str:
 def git_revision() -> str:
     try:
         rev = _git("rev-parse", "--short", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        # The results files a benchmark run writes are not changes to what it measures.
+        dirty = _git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results*"
+        )
         return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
