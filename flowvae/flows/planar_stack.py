@@ -194,7 +194,8 @@ def _param_grads(g_uhat, g_w, g_off, g_s, saved, packed=None):
     g_wu = torch.mul(g_s + g_c_wsq, torch.sigmoid(x)).sub_(g_c_wsq)
     neg_g_wsq = g_c_wsq * c  # -∂L/∂‖w‖²
     if n is not None:
-        neg_g_wsq.addcmul_(g_off, b / n, value=-0.5)
+        # written as (∂L/∂off · b)/(2‖w‖), the rounding the reference ops give
+        neg_g_wsq.sub_(g_off * b / (2.0 * n))
     neg_g_wsq.masked_fill_(dead, 0.0)
     # In place: g_uhat and g_w are this backward's own buffers, and each (B, K, D) tensor
     # less is one allocation (and its page faults) less in a deep stack.
