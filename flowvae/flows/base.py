@@ -92,6 +92,17 @@ class Flow(nn.Module):
             offset += size
         return out
 
+    @staticmethod
+    def packed_params(layers: list[Flow], params: Tensor | None) -> Tensor:
+        """A homogeneous stack's parameters as one (P, K, width) tensor in the flat amortised
+        layout: amortised, the (B, K·width) ``params`` as they are; global, one cat of every
+        layer's own parameters in order (one autograd node, whose backward is one split)."""
+        k = len(layers)
+        if layers[0].amortized:
+            return params.reshape(params.shape[0], k, -1)
+        names = tuple(layers[0].global_shapes())
+        return torch.cat([x._parameters[name] for x in layers for name in names]).view(1, k, -1)
+
     def forward(self, z: Tensor, params: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.transform(z, **self.unpack(params))
 

@@ -170,12 +170,7 @@ class Planar(Flow):
         # very large batches the layers run one by one instead.
         if z.shape[0] * k * min(k, BLOCK) > MAX_COUPLING_ELEMENTS:
             return None
-        if first.amortized:
-            packed = params.reshape(params.shape[0], k, 2 * first.dim + 1)
-        else:
-            # One cat of every layer's [u, w, b] in order (one node, whose backward is one split).
-            flat = [x._parameters[name] for x in layers for name in ("u", "w", "b")]
-            packed = torch.cat(flat).view(1, k, 2 * first.dim + 1)
+        packed = cls.packed_params(layers, params)
         return planar_stack_forward(z, packed, first.scaled_offset, SLACK, first.shift)
 
     @classmethod

@@ -178,10 +178,11 @@ def _setup(
     m = s - _const(1.0, x)  # wᵀû
     c = torch.sub(m, wu).div_(wsq)
     u_hat = torch.addcmul(u, c.unsqueeze(-1), w)
-    n = wsq.sqrt() if scaled else None
     if scaled:
+        n = wsq.sqrt()
         off = torch.mul(n, b, out=off_out)
     else:
+        n = None
         off = b if off_out is None else off_out.copy_(b)
     return (u, w, b, x, wsq, dead, c, n), s, m, u_hat, off
 

@@ -98,14 +98,7 @@ class Radial(Flow):
     ) -> tuple[Tensor, Tensor] | None:
         if not STACKED:
             return None
-        d, k = layers[0].dim, len(layers)
-        if layers[0].amortized:
-            packed = params.reshape(params.shape[0], k, d + 2)
-        else:
-            # One cat of every layer's [z0, α', β'] in order (one node, whose backward is one split).
-            flat = [x._parameters[name] for x in layers for name in ("z0", "alpha", "beta")]
-            packed = torch.cat(flat).view(1, k, d + 2)
-        return radial_stack_forward(z, packed, SLACK)
+        return radial_stack_forward(z, cls.packed_params(layers, params), SLACK)
 
     @classmethod
     def stress_params(cls, dim: int, batch: int, dtype: torch.dtype) -> list[Tensor]:
